@@ -1,0 +1,1 @@
+"""Training engine for the FcaNet reproduction: configs, data, schedules, checkpoints, train/eval loops."""
