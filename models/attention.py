@@ -1,0 +1,192 @@
+"""Channel attention modules: SE, ECA and FCA (multi-spectral DCT attention).
+
+All three produce per-channel weights in (0, 1) that rescale the block's residual branch
+(``x * att``), placed after the branch's last BN and before the residual add (paper Sec. 3.3).
+SE and FCA share one excitation head (``fc``: C -> C/r -> C, ``bias=False``, ReLU, sigmoid, Eq. 8);
+they differ only in how a channel is squeezed to a scalar: SE by global average pooling, FCA by
+projecting each channel onto a 2D DCT basis image (Eq. 7). ECA replaces the head by a 1D convolution
+across channels.
+
+State-dict keys follow the authors' release: ``att.fc.0.weight`` (C/r x C), ``att.fc.2.weight``
+(C x C/r) and the DCT filter buffer ``att.dct_layer.weight`` of shape (C, dct_h, dct_w).
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dct import Frequency, dct_filters, scale_frequencies
+
+
+def excitation_head(channels: int, reduction: int = 16) -> nn.Sequential:
+    """The shared excitation MLP of SE and FCA: (N, C) -> (N, C) weights in (0, 1).
+
+    Indices 0 and 2 hold the two ``Linear(bias=False)`` layers, matching the key layout of the
+    authors' checkpoints. The hidden width is ``max(1, C // reduction)`` so tiny demo models work.
+    """
+    if reduction < 1:
+        raise ValueError(f"attention reduction must be >= 1, got {reduction}")
+    hidden = max(1, channels // reduction)
+    return nn.Sequential(nn.Linear(channels, hidden, bias=False), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, channels, bias=False), nn.Sigmoid())
+
+
+class _SqueezeExcite(nn.Module):
+    """Base class: ``forward(x) = x * fc(squeeze(x))``; subclasses define ``squeeze`` (N, C, H, W) -> (N, C)."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        self.channels = channels
+        self.fc = excitation_head(channels, reduction)
+
+    def squeeze(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        weights = self.fc(self.squeeze(x)).view(n, c, 1, 1)
+        return x * weights.to(x.dtype)
+
+
+class SE(_SqueezeExcite):
+    """Squeeze-and-Excitation (Hu et al., CVPR 2018) with bias-free FCs, as in the FcaNet paper's Table 2.
+
+    Args:
+        channels: number of input channels C.
+        reduction: excitation bottleneck ratio r (hidden width C // r).
+    """
+
+    def squeeze(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+class DCTPooling(nn.Module):
+    """Multi-spectral pooling (paper Eq. 7): channel c is projected on the DCT basis of its group.
+
+    The C channels are split into k equal consecutive groups; group i uses frequency ``freqs[i]``.
+    ``weight`` (C, dct_h, dct_w) holds the per-channel filters exactly as in the authors' checkpoints.
+
+    Unlike the paper's Fig. 3 code (``sum(x * weight)``, which materialises an N x C x H x W
+    temporary), the projection is a matrix product that reads x once:
+
+    * contiguous NCHW: x viewed as (N, k, C/k, HW) times the k basis vectors (k, HW, 1);
+    * channels_last: x viewed as (N, HW, C); all k bases are applied to every channel with one
+      batched GEMM (N, k, HW) @ (N, HW, C) and each channel keeps its own group's row (the block
+      diagonal). k <= 49, so the extra work is tiny and no copy of x is made.
+
+    Learnable or randomly initialised filters no longer share a basis within a group; they use a
+    per-channel batched dot product instead.
+
+    Args:
+        channels: number of channels C (must be divisible by ``len(freqs)``).
+        dct_h, dct_w: DCT size; inputs of another spatial size are adaptively average-pooled to it.
+        freqs: frequencies (u, v) in the 7x7 selection space; scaled by ``dct_h // 7`` and ``dct_w // 7``.
+        weights: ``fixed`` (a buffer, as in the paper) or ``learnable`` (an ``nn.Parameter``).
+        init: ``dct`` (the DCT basis) or ``random`` (the authors' FAQ ablation; N(0, 1/(HW)) filters).
+    """
+
+    def __init__(self, channels: int, dct_h: int, dct_w: int, freqs: Sequence[Frequency],
+                 weights: Literal["fixed", "learnable"] = "fixed", init: Literal["dct", "random"] = "dct"):
+        super().__init__()
+        k = len(freqs)
+        if k < 1:
+            raise ValueError("FCA needs at least one frequency")
+        if channels % k:
+            raise ValueError(f"FCA: {channels} channels cannot be split into k={k} equal frequency groups "
+                             f"(k must divide the channel count)")
+        if weights not in ("fixed", "learnable"):
+            raise ValueError(f"unknown dct_weights {weights!r}; expected 'fixed' or 'learnable'")
+        if init not in ("dct", "random"):
+            raise ValueError(f"unknown dct_init {init!r}; expected 'dct' or 'random'")
+        self.dct_h, self.dct_w, self.k = dct_h, dct_w, k
+        self.freqs = [tuple(f) for f in freqs]
+        scaled = scale_frequencies(self.freqs, dct_h, dct_w)
+        try:
+            basis = dct_filters(dct_h, dct_w, scaled).float()  # (k, H, W)
+        except ValueError as e:
+            raise ValueError(f"FCA with a {dct_h}x{dct_w} DCT: {e}") from None
+        if init == "dct":
+            filt = basis.repeat_interleave(channels // k, dim=0)  # (C, H, W), group i -> freqs[i]
+        else:
+            gen = torch.Generator().manual_seed(0)
+            filt = torch.randn(channels, dct_h, dct_w, generator=gen) / math.sqrt(dct_h * dct_w)
+        # Group-shared bases allow the fast path; random/learnable filters are per-channel.
+        self.shared = weights == "fixed" and init == "dct"
+        if weights == "learnable":
+            self.weight = nn.Parameter(filt)
+        else:
+            self.register_buffer("weight", filt)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C)."""
+        n, c, h, w = x.shape
+        if (h, w) != (self.dct_h, self.dct_w):
+            x = F.adaptive_avg_pool2d(x, (self.dct_h, self.dct_w))
+            h, w = self.dct_h, self.dct_w
+        hw, k = h * w, self.k
+        weight = self.weight.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else self.weight
+        if not self.shared:
+            # y[n, c] = <x[n, c], w[c]>: batch over channels, (C, N, HW) @ (C, HW, 1).
+            y = torch.bmm(x.reshape(n, c, hw).transpose(0, 1), weight.reshape(c, hw, 1))
+            return y.reshape(c, n).t()
+        basis = weight[:: c // k].reshape(k, hw)  # one row per group (a strided view, no copy of x)
+        if x.is_contiguous():
+            y = torch.matmul(x.view(n, k, c // k, hw), basis.view(k, hw, 1))  # (N, k, C/k, 1)
+            return y.reshape(n, c)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            xs = x.permute(0, 2, 3, 1).reshape(n, hw, c)  # a view for channels_last
+            z = torch.bmm(basis.unsqueeze(0).expand(n, k, hw), xs)  # (N, k, C): every basis x every channel
+            return z.view(n, k, k, c // k).diagonal(dim1=1, dim2=2).transpose(1, 2).reshape(n, c)
+        return torch.matmul(x.reshape(n, k, c // k, hw), basis.view(k, hw, 1)).reshape(n, c)
+
+
+class FCA(_SqueezeExcite):
+    """Multi-spectral channel attention (FcaNet, Eq. 7-8): DCT pooling followed by the excitation head.
+
+    Args:
+        channels: number of channels C.
+        dct_h, dct_w: DCT size (56/28/14/7 for the four ResNet stages at 224x224 input).
+        freqs: frequencies in the 7x7 space; k = len(freqs) must divide C.
+        reduction: excitation bottleneck ratio r.
+        dct_weights: ``fixed`` (paper) or ``learnable``.
+        dct_init: ``dct`` (paper) or ``random``.
+    """
+
+    def __init__(self, channels: int, dct_h: int, dct_w: int, freqs: Sequence[Frequency], reduction: int = 16,
+                 dct_weights: Literal["fixed", "learnable"] = "fixed", dct_init: Literal["dct", "random"] = "dct"):
+        super().__init__(channels, reduction)
+        self.dct_layer = DCTPooling(channels, dct_h, dct_w, freqs, dct_weights, dct_init)
+
+    def squeeze(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dct_layer(x)
+
+
+def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
+    """ECA-Net's adaptive kernel size: the odd number nearest above |(log2 C + b) / gamma|."""
+    t = int(abs((math.log2(channels) + b) / gamma))
+    return t if t % 2 else t + 1
+
+
+class ECA(nn.Module):
+    """Efficient Channel Attention (Wang et al., CVPR 2020): GAP, a 1D conv across channels, sigmoid.
+
+    Args:
+        channels: number of channels C (only used for the adaptive kernel size).
+        kernel_size: odd 1D kernel size; ``None`` uses the adaptive formula of the ECA paper.
+    """
+
+    def __init__(self, channels: int, kernel_size: int | None = None):
+        super().__init__()
+        k = eca_kernel_size(channels) if kernel_size is None else int(kernel_size)
+        if k < 1 or k % 2 == 0:
+            raise ValueError(f"ECA kernel size must be a positive odd number, got {k}")
+        self.conv = nn.Conv1d(1, 1, kernel_size=k, padding=(k - 1) // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        y = self.conv(x.mean(dim=(2, 3)).view(n, 1, c))  # (N, 1, C): neighbouring channels interact
+        return x * torch.sigmoid(y).view(n, c, 1, 1).to(x.dtype)

@@ -1,0 +1,189 @@
+"""One ResNet (torchvision v1.5 layout: stride on the 3x3 conv) with an attention slot in every block.
+
+Module names match torchvision's ``ResNet`` (``conv1``, ``bn1``, ``layer1.0.conv1``, ..., ``fc``), so
+torchvision state dicts load strictly; the attention lives at ``layerI.J.att`` as in the authors' code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence, Union
+
+import torch
+from torch import nn
+
+from .attention import ECA, FCA, SE
+from .dct import GRID, FrequencySpec, parse_frequencies
+
+AttentionKind = Literal["none", "se", "eca", "fca"]
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """How to build the attention of each block (data, not code: see ``models.registry``).
+
+    Attributes:
+        kind: ``none``, ``se``, ``eca`` or ``fca``.
+        reduction: excitation ratio r of SE/FCA.
+        freq: FCA frequency selection (``"top16"``, ``"low4"``, ``"bot2"`` or explicit (u, v) pairs).
+        dct_weights / dct_init: FCA filter options (``fixed``/``learnable``, ``dct``/``random``).
+        eca_kernel: ECA kernel size per stage (4 odd ints), or ``None`` for the adaptive formula.
+        input_size: image size the DCT sizes are derived from (stage s gets 7 * max(1, (size/4/2^s) // 7),
+            i.e. 56/28/14/7 at 224, matching the authors' per-``planes`` table).
+    """
+    kind: AttentionKind = "none"
+    reduction: int = 16
+    freq: FrequencySpec = "top16"
+    dct_weights: str = "fixed"
+    dct_init: str = "dct"
+    eca_kernel: Union[Sequence[int], None] = None
+    input_size: int = 224
+    frequencies: tuple = field(init=False, default=())
+
+    def __post_init__(self):
+        if self.kind not in ("none", "se", "eca", "fca"):
+            raise ValueError(f"unknown attention {self.kind!r}; expected none, se, eca or fca")
+        if self.kind == "fca":
+            object.__setattr__(self, "frequencies", tuple(parse_frequencies(self.freq)))
+        if self.eca_kernel is not None and len(self.eca_kernel) != 4:
+            raise ValueError(f"eca_kernel needs one kernel size per stage (4 values), got {list(self.eca_kernel)}")
+        if self.input_size < 1:
+            raise ValueError(f"input_size must be positive, got {self.input_size}")
+
+    def dct_size(self, stage: int) -> int:
+        feature = self.input_size // (4 * 2 ** stage)
+        return GRID * max(1, feature // GRID)
+
+    def build(self, channels: int, stage: int) -> nn.Module:
+        """The attention module for a block of stage ``stage`` (0..3) whose residual branch has ``channels``."""
+        if self.kind == "se":
+            return SE(channels, self.reduction)
+        if self.kind == "eca":
+            return ECA(channels, None if self.eca_kernel is None else self.eca_kernel[stage])
+        if self.kind == "fca":
+            size = self.dct_size(stage)
+            return FCA(channels, size, size, self.frequencies, self.reduction, self.dct_weights, self.dct_init)
+        return nn.Identity()
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (ResNet-18/34). Attention after ``bn2``, before the residual add."""
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int, downsample: nn.Module | None, att: nn.Module):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.att = att
+        self.downsample = downsample
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.att(self.bn2(self.conv2(out)))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (stride here: v1.5) -> 1x1 (ResNet-50/101/152). Attention after ``bn3``."""
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int, downsample: nn.Module | None, att: nn.Module):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.att = att
+        self.downsample = downsample
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.att(self.bn3(self.conv3(out)))
+        return self.relu(out + identity)
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+class ResNet(nn.Module):
+    """ResNet with a per-block channel attention slot.
+
+    Args:
+        block: ``basic`` (ResNet-18/34) or ``bottleneck`` (ResNet-50/101/152).
+        layers: number of blocks per stage, e.g. (3, 4, 6, 3).
+        attention: how each block's attention is built (``AttentionConfig``).
+        num_classes: classifier outputs.
+        widths: ``planes`` of the four stages; (64, 128, 256, 512) is the standard ResNet, smaller values
+            give tiny models for CPU demos and tests. The stem has ``widths[0]`` channels.
+        zero_init_residual: zero the last BN's gamma in each block (torchvision option; off in the paper).
+        in_chans: input channels.
+    """
+
+    def __init__(self, block: str, layers: Sequence[int], attention: AttentionConfig = AttentionConfig(),
+                 num_classes: int = 1000, widths: Sequence[int] = (64, 128, 256, 512),
+                 zero_init_residual: bool = False, in_chans: int = 3):
+        super().__init__()
+        if block not in BLOCKS:
+            raise ValueError(f"unknown block {block!r}; expected one of {', '.join(BLOCKS)}")
+        if len(layers) != 4 or len(widths) != 4:
+            raise ValueError(f"layers and widths need 4 stages, got layers={list(layers)} widths={list(widths)}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        block_cls = BLOCKS[block]
+        self.attention = attention
+        self.num_classes = num_classes
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        inplanes = widths[0]
+        for stage, (planes, blocks) in enumerate(zip(widths, layers)):
+            stride = 1 if stage == 0 else 2
+            stage_blocks = []
+            for i in range(blocks):
+                downsample = None
+                if i == 0 and (stride != 1 or inplanes != planes * block_cls.expansion):
+                    downsample = nn.Sequential(
+                        nn.Conv2d(inplanes, planes * block_cls.expansion, 1, stride, bias=False),
+                        nn.BatchNorm2d(planes * block_cls.expansion))
+                att = attention.build(planes * block_cls.expansion, stage)
+                stage_blocks.append(block_cls(inplanes, planes, stride if i == 0 else 1, downsample, att))
+                inplanes = planes * block_cls.expansion
+            self.add_module(f"layer{stage + 1}", nn.Sequential(*stage_blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, num_classes)
+        self.num_features = inplanes
+
+        # torchvision's initialisation, so a from-scratch run matches the reference recipe.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(m.last_bn().weight)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, C, H/32, W/32)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(self.forward_features(x)), 1))
