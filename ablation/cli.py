@@ -1,0 +1,215 @@
+"""``python -m ablation plan|run|collect --study STUDY --preset PRESET [--seeds N] [--output DIR]``.
+
+* ``plan``: print every run (one per line: name, epochs, GPU-hours, config, overrides) and the estimated
+  GPU-hours; runs nothing. Lines starting with ``#`` are comments (header, dependencies, totals).
+* ``run``: execute the runs not yet complete: locally one after another, or ``--slurm`` (submitit), or
+  ``--emit-sbatch FILE`` (an sbatch array script). Idempotent and safe to run concurrently.
+* ``collect``: write ``<output>/<study>/table.md``, ``table.csv``, ``runs.csv`` and the PNG figures.
+
+Run directories live under ``<output>/runs/`` when ``--output`` is given, else under ``runs/ablation/<preset>/``
+(``--runs-dir`` overrides both). Errors are one line on stderr with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .studies import FREQ_SOURCES, REPO, STUDIES, AblationError, Plan, available_presets, build_plan, \
+    default_runs_root, is_complete
+
+DEFAULT_THROUGHPUT_HELP = ("training images/s per GPU for the GPU-hours estimate (default: the preset's "
+                           "'throughput'; imagenet: 1200, about ResNet-50 with AMP on one V100; an A100 does roughly 2x)")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse's default prints usage too)
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m ablation", description="FcaNet frequency ablations (Fig. 4, Tables 1, 5, 6)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, help_text in (("plan", "print the runs of a study and their GPU-hours"),
+                            ("run", "execute the incomplete runs of a study"),
+                            ("collect", "write tables and figures from the runs' summaries")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--study", required=True, help=f"one of {', '.join(STUDIES)}")
+        p.add_argument("--preset", required=True, help=f"one of {', '.join(available_presets())}")
+        p.add_argument("--seeds", type=_positive_int, default=1, help="seeds per point: 0..N-1 (default 1)")
+        p.add_argument("--output", type=Path, default=None,
+                       help="results directory (default results/<preset>/); runs go to <output>/runs/")
+        p.add_argument("--runs-dir", type=Path, default=None, help="run directories (overrides the default)")
+        p.add_argument("--freq-source", choices=FREQ_SOURCES, default="auto",
+                       help="Top-k/Bot-k frequency lists: 'measured' (our complete single_freq grid), "
+                            "'published' (the authors' orders) or 'auto' (measured when complete; default)")
+        p.add_argument("--base-checkpoint", default=None,
+                       help="single_freq: fine-tune from this plain-ResNet checkpoint instead of training the base run")
+        if name == "plan":
+            p.add_argument("--throughput", type=_positive_float, default=None, help=DEFAULT_THROUGHPUT_HELP)
+        if name == "run":
+            p.add_argument("--gpus", type=_positive_int, default=1, help="GPUs per run (>1: torchrun)")
+            p.add_argument("--trainer-cmd", default=None,
+                           help="replace 'python train_imagenet.py' (also env FCANET_ABLATION_TRAINER)")
+            p.add_argument("--limit", type=_nonneg_int, default=None, help="start at most N runs, then stop")
+            p.add_argument("--index", type=_nonneg_int, default=None,
+                           help="run only the plan's run number I (0-based; used by sbatch arrays)")
+            p.add_argument("--quiet", action="store_true", help="trainer output only to <run_dir>/train.log")
+            p.add_argument("--launcher", choices=("auto", "subprocess", "fork"), default="auto",
+                           help="'subprocess': a fresh trainer process per run; 'fork': fork this process, which "
+                                "imports the trainer once (CPU presets; saves the start-up per run); 'auto' "
+                                "(default): the preset's choice, 'subprocess' with --trainer-cmd or --gpus > 1")
+            p.add_argument("--slurm", action="store_true", help="submit each incomplete run as a Slurm job (submitit)")
+            p.add_argument("--slurm-partition", default=None)
+            p.add_argument("--slurm-account", default=None)
+            p.add_argument("--slurm-time", type=_positive_int, default=24 * 60, help="minutes per job (default 1440)")
+            p.add_argument("--slurm-cpus-per-gpu", type=_positive_int, default=10)
+            p.add_argument("--slurm-mem-gb", type=_positive_int, default=None)
+            p.add_argument("--slurm-cluster", default=None, help=argparse.SUPPRESS)  # submitit 'local'/'debug' tests
+            p.add_argument("--emit-sbatch", type=Path, default=None,
+                           help="write an sbatch array script for the study to this file instead of running")
+    return parser
+
+
+def _plan(args) -> Plan:
+    output = args.output
+    runs_root = args.runs_dir if args.runs_dir is not None else default_runs_root(args.preset, output)
+    return build_plan(args.study, args.preset, seeds=args.seeds, runs_root=runs_root, freq_source=args.freq_source,
+                      base_checkpoint=args.base_checkpoint)
+
+
+def _output(args) -> Path:
+    return args.output if args.output is not None else REPO / "results" / args.preset
+
+
+def cmd_plan(args) -> int:
+    plan = _plan(args)
+    throughput = args.throughput or float(plan.preset["throughput"])
+    print(f"# study {plan.study}, preset {plan.preset['name']} ({plan.preset['path']}), seeds {args.seeds}, "
+          f"runs in {plan.runs_root}")
+    if plan.freq_source:
+        print(f"# frequency source: {plan.freq_source}")
+    if plan.base_checkpoint:
+        print(f"# base checkpoint: {plan.base_checkpoint} (no base run)")
+    deps = sorted({d for r in plan.runs for d in r.depends})
+    if deps:
+        print(f"# the runs below depend on {', '.join(deps)} (trained first by `run`, listed as '# dependency:')")
+    total_h, done, epochs = 0.0, 0, 0
+    for run in plan.runs:
+        hours = plan.gpu_hours(run, throughput)
+        complete = is_complete(run.run_dir, run.epochs)
+        done += complete
+        total_h += hours
+        epochs += run.epochs
+        status = "complete" if complete else "todo"
+        lead = "# dependency: " if run.point == "base" else ""  # not a point of the study's table
+        print(f"{lead}{run.name}  epochs={run.epochs}  gpu_hours={hours:.3g}  status={status}  config={run.config}  "
+              + "  ".join(run.override_args()))
+    left = sum(plan.gpu_hours(r, throughput) for r in plan.runs if not is_complete(r.run_dir, r.epochs))
+    npoints = sum(1 for r in plan.runs if r.point != "base")
+    extra = f" + {len(plan.runs) - npoints} dependency" if len(plan.runs) > npoints else ""
+    print(f"# total: {npoints} runs{extra} ({done} complete), {epochs} epochs x {plan.preset['train_images']} "
+          f"images, {total_h:.4g} GPU-hours at {throughput:g} img/s/GPU ({left:.4g} left)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from . import runner
+
+    plan = _plan(args)
+    prefix = runner.trainer_command(args.trainer_cmd, args.gpus)
+    if args.emit_sbatch is not None:
+        cli_args = ["--study", args.study, "--preset", args.preset, "--seeds", str(args.seeds),
+                    "--runs-dir", str(plan.runs_root), "--freq-source", plan.freq_source or args.freq_source,
+                    "--quiet"]
+        if args.base_checkpoint:
+            cli_args += ["--base-checkpoint", args.base_checkpoint]
+        if args.trainer_cmd:
+            cli_args += ["--trainer-cmd", args.trainer_cmd]
+        text = runner.sbatch_script(plan, cli_args, args.gpus, args.slurm_partition, args.slurm_time,
+                                    args.slurm_cpus_per_gpu)
+        from .collect import write_atomic
+        write_atomic(args.emit_sbatch, text)
+        print(f"wrote {args.emit_sbatch} ({len(plan.runs)} array tasks; see its header for the sbatch commands)")
+        return 0
+    if args.slurm:
+        jobs = runner.submit_slurm(plan, prefix, args.gpus, args.slurm_partition, args.slurm_time,
+                                   args.slurm_cpus_per_gpu, args.slurm_mem_gb, args.slurm_account,
+                                   cluster=args.slurm_cluster, limit=args.limit,
+                                   prepare=not (args.trainer_cmd or os.environ.get(runner.TRAINER_ENV)))
+        for name, job_id in jobs:
+            print(f"submitted {name}: job {job_id}")
+        print(f"# {len(jobs)} jobs submitted; logs in {plan.runs_root / 'slurm' / plan.study}")
+        return 0
+    launcher = args.launcher
+    custom = bool(args.trainer_cmd or os.environ.get(runner.TRAINER_ENV))
+    if launcher == "auto":
+        launcher = "subprocess" if custom or args.gpus > 1 else plan.preset.get("launcher", "subprocess")
+    elif launcher == "fork" and (args.trainer_cmd or args.gpus > 1):
+        raise AblationError("--launcher fork runs the repository's trainer in one process: not with "
+                            "--trainer-cmd or --gpus > 1")
+    outcome = runner.run_local(plan, prefix, limit=args.limit, index=args.index, quiet=args.quiet,
+                               launcher=launcher, prepare=not custom)
+    print(f"[ablation] {plan.study}/{plan.preset['name']}: " + ", ".join(f"{k} {len(v)}" for k, v in outcome.items()))
+    if outcome["failed"]:
+        print(f"error: {len(outcome['failed'])} run(s) failed: {', '.join(outcome['failed'])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_collect(args) -> int:
+    from .collect import collect
+
+    plan = _plan(args)
+    written = collect(plan, _output(args))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return {"plan": cmd_plan, "run": cmd_run, "collect": cmd_collect}[args.command](args)
+    except AblationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

@@ -1,0 +1,375 @@
+"""Executing a plan: locally one run after another, or on Slurm (submitit, or an sbatch array script).
+
+Every run is ``<trainer> --config CONFIG KEY=VALUE ...`` with ``output_dir`` set to the run's directory; the
+trainer resumes by itself from ``<run_dir>/checkpoints/last.pth``. A run is complete once its ``summary.json``
+reports the planned epochs; complete runs are skipped, so ``run`` is idempotent. Each run is guarded by an
+atomic lock file (:mod:`ablation.locking`), so concurrent ``run`` processes (or Slurm jobs) never train the
+same point twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .locking import RunLock, describe
+from .studies import REPO, AblationError, Plan, Run, is_complete
+
+TRAINER_ENV = "FCANET_ABLATION_TRAINER"
+
+
+def trainer_command(trainer_cmd: Optional[str] = None, gpus: int = 1) -> list[str]:
+    """The command prefix a run is appended to (``--config ... KEY=VALUE ...`` follow).
+
+    ``--trainer-cmd`` or the ``FCANET_ABLATION_TRAINER`` environment variable replace it (tests use a fake
+    trainer this way); otherwise ``python train_imagenet.py``, under ``torchrun`` when ``gpus > 1``.
+    """
+    custom = trainer_cmd or os.environ.get(TRAINER_ENV)
+    if custom:
+        return shlex.split(custom)
+    script = str(REPO / "train_imagenet.py")
+    if gpus > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", script]
+    return [sys.executable, script]
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def run_command(run: Run, prefix: Sequence[str]) -> list[str]:
+    return list(prefix) + ["--config", str(REPO / run.config)] + run.override_args()
+
+
+def _check_meta(run: Run) -> None:
+    """Refuse to continue a run directory that was started with a different frequency list."""
+    path = run.run_dir / "ablation.json"
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        return  # ours, rewritten below
+    if old.get("frequencies") not in (None, run.meta.get("frequencies")):
+        raise AblationError(f"run directory {run.run_dir} was started with frequencies {old.get('frequencies')} "
+                            f"but the plan now gives {run.meta.get('frequencies')}; move it away or pass "
+                            f"--freq-source {old.get('freq_source', 'published')}")
+
+
+# ------------------------------------------------------------------------------------- fork launcher
+_TRAINER_MAIN = None
+
+
+def _preload_trainer():
+    """Import ``train_imagenet`` and the training engine once in this process (the fork launcher)."""
+    global _TRAINER_MAIN
+    if _TRAINER_MAIN is None:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("_fcanet_train_imagenet", REPO / "train_imagenet.py")
+        if spec is None or not (REPO / "train_imagenet.py").exists():
+            raise AblationError(f"trainer not found: {REPO / 'train_imagenet.py'}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        import engine.cli, engine.trainer  # noqa: F401,E401  (the heavy imports, done once)
+        _TRAINER_MAIN = module.main
+    return _TRAINER_MAIN
+
+
+def _fork_child(argv: list[str], log_path: str, env: dict[str, str]) -> None:
+    """Child of the fork launcher: the trainer's ``main(argv)`` with stdout/stderr into the run's log."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handler is not the trainer's business
+    os.environ.update(env)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.chdir(REPO)
+    if env.get("OMP_NUM_THREADS"):
+        import torch
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    try:
+        rc = _TRAINER_MAIN(argv)
+    except SystemExit as exc:
+        rc = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        rc = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(rc or 0))
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM while a run trains: stop the trainer, release the lock, exit like an interrupt."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated(signum)
+
+
+def run_one(run: Run, prefix: Sequence[str], quiet: bool = False, launcher: str = "subprocess",
+            env: Optional[dict] = None) -> str:
+    """Train one run unless complete or locked. Returns 'complete', 'locked', 'ran' or 'failed'.
+
+    ``launcher``: ``subprocess`` (a fresh ``prefix`` process per run; the only choice for torchrun / custom
+    commands) or ``fork`` (fork this process, which imported the trainer once, and call its ``main``: saves
+    the interpreter and import start-up of every run; CPU presets). ``env``: extra environment for the run.
+    """
+    env = {str(k): str(v) for k, v in (env or {}).items()}
+    if is_complete(run.run_dir, run.epochs):
+        return "complete"
+    lock = RunLock(run.run_dir)
+    if not lock.try_acquire():
+        print(f"[ablation] skip {run.name}: locked by {describe(lock.holder)} ({lock.path})", flush=True)
+        return "locked"
+    proc = None
+    old_term = signal.getsignal(signal.SIGTERM)
+    try:
+        if is_complete(run.run_dir, run.epochs):  # finished by another process between check and lock
+            return "complete"
+        _check_meta(run)
+        meta = dict(run.meta, name=run.name, config=run.config, epochs=run.epochs,
+                    overrides={k: v for k, v in run.overrides.items()})
+        write_json_atomic(run.run_dir / "ablation.json", meta)
+        cmd = run_command(run, prefix)
+        log_path = run.run_dir / "train.log"
+        print(f"[ablation] run {run.name}: {shlex.join(cmd)}", flush=True)
+        if threading_main():
+            signal.signal(signal.SIGTERM, _raise_terminated)
+        start = time.time()
+        with open(log_path, "a") as log:
+            log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+            log.flush()
+            if launcher == "fork":
+                import multiprocessing
+                _preload_trainer()
+                proc = multiprocessing.get_context("fork").Process(
+                    target=_fork_child, args=(cmd[len(prefix):], str(log_path), env), daemon=False)
+                proc.start()
+                lock.set_child(proc.pid)
+                proc.join()
+                rc = proc.exitcode
+                if not quiet:
+                    log.flush()
+                    tail = log_path.read_text().splitlines()[-3:]
+                    sys.stdout.write("".join(f"    {line}\n" for line in tail))
+            else:
+                proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        bufsize=1, env={**os.environ, **env})
+                lock.set_child(proc.pid)
+                for line in proc.stdout:
+                    log.write(line)
+                    if not quiet:
+                        sys.stdout.write(line)
+                rc = proc.wait()
+        elapsed = time.time() - start
+        if rc != 0:
+            print(f"[ablation] FAILED {run.name}: trainer exit status {rc}; log: {log_path}", flush=True)
+            return "failed"
+        if not is_complete(run.run_dir, run.epochs):
+            print(f"[ablation] FAILED {run.name}: trainer exited 0 but {run.run_dir / 'summary.json'} does not "
+                  f"report {run.epochs} epochs; log: {log_path}", flush=True)
+            return "failed"
+        print(f"[ablation] done {run.name} in {elapsed:.1f}s", flush=True)
+        return "ran"
+    except (KeyboardInterrupt, _Terminated):
+        if proc is not None:
+            _stop(proc)
+        raise
+    finally:
+        if threading_main():
+            signal.signal(signal.SIGTERM, old_term)
+        lock.release()
+
+
+def _stop(proc) -> None:
+    """Terminate a trainer (Popen or multiprocessing.Process): SIGTERM, then SIGKILL after 60 s."""
+    if isinstance(proc, subprocess.Popen):
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def select_runs(plan: Plan, index: Optional[int] = None) -> list[Run]:
+    if index is None:
+        return list(plan.runs)
+    if not 0 <= index < len(plan.runs):
+        raise AblationError(f"--index {index} out of range: the plan has {len(plan.runs)} runs (0..{len(plan.runs) - 1})")
+    return [plan.runs[index]]
+
+
+def prepare_data(plan: Plan, timeout_s: float = 600.0) -> None:
+    """Write a preset's built-in data set once (``prepare: digits``), under a lock, before any run starts,
+    so that concurrent trainers never build the same tree at the same time."""
+    kind = plan.preset.get("prepare")
+    if not kind:
+        return
+    if kind != "digits":
+        raise AblationError(f"preset {plan.preset['name']!r}: unknown 'prepare: {kind}' (expected digits)")
+    from .studies import expand
+    root = Path(expand(plan.preset["data_root"], plan.runs_root))
+    lock = RunLock(root.parent / f".{root.name}-prepare")
+    deadline = time.time() + timeout_s
+    while not lock.try_acquire():
+        if time.time() > deadline:
+            raise AblationError(f"data preparation of {root} is locked by {describe(lock.holder)} ({lock.path})")
+        time.sleep(0.5)
+    try:
+        from engine.data import write_digits_imagefolder
+        write_digits_imagefolder(root)
+    finally:
+        lock.release()
+
+
+def run_local(plan: Plan, prefix: Sequence[str], limit: Optional[int] = None, index: Optional[int] = None,
+              quiet: bool = False, launcher: str = "subprocess", prepare: bool = True) -> dict[str, list[str]]:
+    """Run the plan's incomplete runs one after another. Returns run names by outcome.
+
+    ``prepare``: write the preset's built-in data first (off with a custom trainer command, which brings its own).
+    """
+    env = plan.preset.get("env") or {}
+    by_name = {r.name: r for r in plan.runs}
+    outcome: dict[str, list[str]] = {k: [] for k in ("complete", "ran", "locked", "failed", "blocked")}
+    started = 0
+    if prepare and any(not is_complete(r.run_dir, r.epochs) for r in select_runs(plan, index)):
+        prepare_data(plan)
+    for run in select_runs(plan, index):
+        if is_complete(run.run_dir, run.epochs):
+            outcome["complete"].append(run.name)
+            continue
+        if limit is not None and started >= limit:
+            break
+        pending = [d for d in run.depends if not is_complete(by_name[d].run_dir, by_name[d].epochs)]
+        if pending:
+            print(f"[ablation] skip {run.name}: waiting for {', '.join(pending)}", flush=True)
+            outcome["blocked"].append(run.name)
+            continue
+        started += 1
+        outcome[run_one(run, prefix, quiet, launcher, env)].append(run.name)
+    return outcome
+
+
+# ------------------------------------------------------------------------------------------------ Slurm
+class SlurmRun:
+    """A submitit job: one run (requeued from its last checkpoint on preemption or timeout)."""
+
+    def __init__(self, run: Run, prefix: Sequence[str], env: Optional[dict] = None):
+        self.run, self.prefix, self.env = run, list(prefix), dict(env or {})
+
+    def __call__(self) -> str:
+        status = run_one(self.run, self.prefix, quiet=False, env=self.env)
+        if status == "failed":
+            raise RuntimeError(f"run {self.run.name} failed; see {self.run.run_dir / 'train.log'}")
+        return status
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+        return submitit.helpers.DelayedSubmission(SlurmRun(self.run, self.prefix, self.env))
+
+
+def submit_slurm(plan: Plan, prefix: Sequence[str], gpus: int, partition: Optional[str], time_min: int,
+                 cpus_per_gpu: int, mem_gb: Optional[int], account: Optional[str], cluster: Optional[str] = None,
+                 limit: Optional[int] = None, prepare: bool = True) -> list[tuple[str, str]]:
+    """Submit every incomplete run as one Slurm job (submitit); dependents wait on the base run (afterok)."""
+    try:
+        import submitit
+    except ImportError:
+        raise AblationError("--slurm needs the 'submitit' package (pip install submitit), or use --emit-sbatch") from None
+    if prepare:
+        prepare_data(plan)
+    folder = plan.runs_root / "slurm" / plan.study
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    params = dict(name=f"fca-{plan.study}", timeout_min=time_min, nodes=1, tasks_per_node=1,
+                  gpus_per_node=gpus, cpus_per_task=max(1, cpus_per_gpu * gpus))
+    slurm = {}
+    if partition:
+        slurm["slurm_partition"] = partition
+    if mem_gb:
+        slurm["mem_gb"] = mem_gb
+    if account:
+        slurm["slurm_account"] = account
+    executor.update_parameters(**params, **slurm)
+    jobs: dict[str, object] = {}
+    submitted = []
+    for run in plan.runs:
+        if is_complete(run.run_dir, run.epochs):
+            continue
+        if limit is not None and len(submitted) >= limit:
+            break
+        deps = [jobs[d].job_id for d in run.depends if d in jobs]
+        extra = {"slurm_additional_parameters": {"dependency": "afterok:" + ":".join(deps)}} if deps else {}
+        if deps and (cluster in (None, "slurm")):
+            executor.update_parameters(**extra)
+        job = executor.submit(SlurmRun(run, prefix, plan.preset.get("env")))
+        if deps and (cluster in (None, "slurm")):
+            executor.update_parameters(slurm_additional_parameters={})
+        jobs[run.name] = job
+        submitted.append((run.name, str(job.job_id)))
+    return submitted
+
+
+def sbatch_script(plan: Plan, cli_args: Sequence[str], gpus: int, partition: Optional[str], time_min: int,
+                  cpus_per_gpu: int, parallel: int = 8) -> str:
+    """An sbatch array script: task i runs ``python -m ablation run ... --index i`` (the i-th run of `plan`)."""
+    n = len(plan.runs)
+    first_dep = 1 if plan.runs and plan.runs[0].point == "base" else 0
+    part = f"#SBATCH --partition={partition}\n" if partition else ""
+    args = shlex.join(list(cli_args))
+    lines = [
+        "#!/bin/bash",
+        f"# Slurm array for study {plan.study!r} (preset {plan.preset['name']!r}), {n} runs: index -> run",
+        *[f"#   {i}: {r.name}" for i, r in enumerate(plan.runs)],
+        "# Submit (runs already complete exit at once; rerunning the array resumes the rest):",
+    ]
+    if first_dep:
+        lines += ["#   jid=$(sbatch --parsable --array=0 THIS_SCRIPT)       # the base network first",
+                  f"#   sbatch --dependency=afterok:$jid --array=1-{n - 1}%{parallel} THIS_SCRIPT"]
+    else:
+        lines += [f"#   sbatch --array=0-{n - 1}%{parallel} THIS_SCRIPT"]
+    lines += [
+        f"#SBATCH --job-name=fca-{plan.study}",
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --gpus-per-node={gpus}",
+        f"#SBATCH --cpus-per-task={max(1, cpus_per_gpu * gpus)}",
+        f"#SBATCH --time={time_min // 60}:{time_min % 60:02d}:00",
+        "#SBATCH --requeue",
+        f"#SBATCH --output={plan.runs_root}/slurm/{plan.study}/%A_%a.out",
+    ]
+    if part:
+        lines.append(part.rstrip("\n"))
+    lines += [
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(REPO))}",
+        f"exec {shlex.quote(sys.executable)} -m ablation run {args} --gpus {gpus} --index \"$SLURM_ARRAY_TASK_ID\"",
+        "",
+    ]
+    return "\n".join(lines)

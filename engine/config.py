@@ -1,0 +1,375 @@
+"""Typed, validated YAML configs with inheritance and ``KEY=VALUE`` command-line overrides.
+
+A config file is a YAML mapping whose sections mirror the dataclasses below. A file may inherit from
+another with a top-level ``_base_: relative/path.yaml`` (a string or a list of paths, merged in order,
+paths relative to the file that names them); the file's own keys are deep-merged on top (mappings
+merge, everything else replaces). Overrides use dotted keys and YAML values::
+
+    model.name=fcanet50 optim.base_lr=0.2 model.freq=[[0,1]] model.init_checkpoint=null
+
+Every problem (unknown key, wrong type, bad value) is a :class:`ConfigError` with a one-line message
+naming the key; unknown keys come with the closest valid key.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import re
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value (one-line message naming the key)."""
+
+
+def _f(default: Any = MISSING, *, choices: tuple | None = None, min: float | None = None,
+       default_factory: Any = MISSING, help: str = "") -> Any:
+    """A dataclass field with validation metadata (allowed choices, lower bound)."""
+    meta = {"choices": choices, "min": min, "help": help}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("fcanet50", help="models.create_model name, e.g. resnet50, senet50, ecanet50, fcanet50")
+    num_classes: int = _f(1000, min=1)
+    # FCA frequency selection ('top16', 'low4', 'bot2' or a list of (u, v) pairs); null = model default.
+    # Only passed to fcanet* models.
+    freq: Union[str, List[List[int]], None] = _f(None)
+    # Fine-tune initialisation (our checkpoint, torchvision's, the authors', or a plain ResNet for an
+    # attention model). Ignored when the run resumes from its own checkpoint.
+    init_checkpoint: Optional[str] = _f(None)
+    kwargs: Dict[str, Any] = _f(default_factory=dict, help="extra keyword arguments for create_model")
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = _f(0.1, min=0.0, help="learning rate per 256 images (lr = base_lr * global_batch / 256)")
+    momentum: float = _f(0.9, min=0.0)
+    weight_decay: float = _f(1e-4, min=0.0)
+    nesterov: bool = _f(False)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(100, min=1)
+    warmup_epochs: float = _f(5.0, min=0.0)
+    batch_size: int = _f(128, min=1, help="per process")
+    amp: str = _f("bf16", choices=("bf16", "fp16", "off"))
+    label_smoothing: float = _f(0.1, min=0.0)
+    channels_last: bool = _f(False)
+    compile: bool = _f(False)
+    sync_bn: bool = _f(False)
+    checkpoint_every_steps: int = _f(0, min=0, help="mid-epoch checkpoint period (0: only at epoch ends)")
+    log_every_steps: int = _f(50, min=1, help="metrics are reduced (host sync) every N steps")
+    max_steps_per_epoch: Optional[int] = _f(None, min=1, help="cap the steps per epoch (smoke tests)")
+    eval_every_epochs: int = _f(1, min=1)
+    progress: bool = _f(True, help="tqdm progress bar on rank 0")
+    # torch intra-op threads on CPU (null: torch's default, or OMP_NUM_THREADS as torchrun sets it).
+    # Tiny CPU models run faster on 1 thread, and far faster when the cores are shared.
+    cpu_threads: Optional[int] = _f(None, min=1)
+    tensorboard: bool = _f(True)
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("imagefolder", choices=("imagefolder", "synthetic"))
+    root: str = _f("data/imagenet", help="ImageFolder root holding train/ and val/")
+    image_size: int = _f(224, min=1)
+    val_resize: int = _f(256, min=1, help="shorter side before the center crop")
+    crop: str = _f("fcanet", choices=("fcanet", "torchvision"))
+    pipeline: str = _f("fast", choices=("fast", "torchvision"))
+    workers: int = _f(8, min=0, help="DataLoader workers per process")
+    val_batch_size: Optional[int] = _f(None, min=1, help="null: same as train.batch_size")
+    skip_corrupt: bool = _f(False, help="skip and count unreadable images instead of failing")
+    # Write a built-in data set as an ImageFolder under data.root first (once; rank 0): 'digits' =
+    # scikit-learn's 8x8 digits, the CPU demo.
+    prepare: Optional[str] = _f(None, choices=("digits",))
+    synthetic_train_size: int = _f(12800, min=1)
+    synthetic_val_size: int = _f(1000, min=1)
+
+
+@dataclass
+class DebugConfig:
+    # Simulate a hard kill (no checkpoint, exit code 137) right after this global step.
+    kill_after_steps: Optional[int] = _f(None, min=1)
+    # Send SIGTERM to this process right after this global step (exercises the preemption path).
+    signal_after_steps: Optional[int] = _f(None, min=1)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    output_dir: Optional[str] = _f(None, help="run directory (null: runs/<config file stem>)")
+    seed: int = _f(0, min=0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schema helpers
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every valid dotted key of the schema (sections included)."""
+    keys = []
+    hints = _hints(cls)
+    for f in fields(cls):
+        key = prefix + f.name
+        keys.append(key)
+        if is_dataclass(hints[f.name]):
+            keys.extend(all_keys(hints[f.name], key + "."))
+    return keys
+
+
+def _unknown(key: str, candidates: list[str]) -> ConfigError:
+    section, _, leaf = key.rpartition(".")
+    close: list[str] = []
+    # 1) a misspelled leaf of a valid section ("train.epoch", "optim.lr"): look among that section's keys
+    siblings = {c.rpartition(".")[2]: c for c in candidates if c.rpartition(".")[0] == section}
+    if siblings:
+        match = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.5)
+        match = match or [n for n in siblings if leaf and (leaf in n or n in leaf)][:1]
+        close = [siblings[m] for m in match]
+    # 2) otherwise the closest key of the same depth ("modle.name"), then anything
+    if not close:
+        same_depth = [c for c in candidates if c.count(".") == key.count(".")]
+        close = difflib.get_close_matches(key, same_depth or candidates, n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin in (list, List):
+        return "list"
+    if origin in (dict, Dict):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints/float-strings widened to float)."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is Any:
+        return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML reads "1e-4" (no dot) as a string; accept numeric strings for float keys.
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (list, List):
+        if isinstance(value, (list, tuple)):
+            (inner,) = typing.get_args(tp) or (Any,)
+            return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    elif origin in (dict, Dict):
+        if isinstance(value, dict):
+            return dict(value)
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a nested mapping, checking keys, types and values."""
+    section = prefix[:-1] if prefix else "<top level>"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{section}': expected a mapping, got {raw!r}")
+    hints = _hints(cls)
+    names = {f.name for f in fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise _unknown(prefix + str(key), all_keys())
+    kwargs = {}
+    for f in fields(cls):
+        key = prefix + f.name
+        if f.name not in raw:
+            continue
+        tp = hints[f.name]
+        if is_dataclass(tp):
+            kwargs[f.name] = _build(tp, raw[f.name] if raw[f.name] is not None else {}, key + ".")
+            continue
+        choices, low = f.metadata.get("choices"), f.metadata.get("min")
+        value = raw[f.name]
+        if choices and isinstance(value, bool):  # YAML 1.1 reads a bare `off` as False: train.amp=off
+            value = {False: "off", True: "on"}[value]
+        value = _coerce(key, value, tp)
+        if choices and value is not None and value not in choices:
+            raise ConfigError(f"config key '{key}': bad value {value!r}; expected one of {', '.join(choices)}")
+        if low is not None and value is not None:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config key '{key}': bad value {value!r}; must be finite")
+            if value < low:
+                raise ConfigError(f"config key '{key}': bad value {value!r}; must be >= {low:g}")
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _check_semantics(cfg: Config) -> None:
+    """Cross-field and domain checks that a type cannot express."""
+    if cfg.model.freq is not None:
+        from models.dct import parse_frequencies  # the model zoo owns the frequency grammar
+        try:
+            parse_frequencies(cfg.model.freq)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"config key 'model.freq': {e}") from None
+    if cfg.train.warmup_epochs > cfg.train.epochs:
+        raise ConfigError(f"config key 'train.warmup_epochs': {cfg.train.warmup_epochs:g} exceeds "
+                          f"train.epochs={cfg.train.epochs}")
+    if cfg.data.image_size > cfg.data.val_resize:
+        raise ConfigError(f"config key 'data.val_resize': {cfg.data.val_resize} is smaller than "
+                          f"data.image_size={cfg.data.image_size} (the val center crop needs resize >= size)")
+    if cfg.train.label_smoothing >= 1.0:
+        raise ConfigError(f"config key 'train.label_smoothing': bad value {cfg.train.label_smoothing!r}; "
+                          "must be in [0, 1)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files, inheritance, overrides
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
+    """Read a config file and everything it inherits through ``_base_``; return the merged mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config file {path}: circular _base_ inheritance")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    bases = data.pop("_base_", None)
+    if bases is None:
+        return data
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else list(bases):
+        if not isinstance(base, str):
+            raise ConfigError(f"config file {path}: _base_ must be a path or a list of paths")
+        merged = _merge(merged, load_yaml_tree(path.parent / base, _seen + (path.resolve(),)))
+    return _merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'optim.lr=0.2'`` -> ``('optim.lr', 0.2)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"bad override {text!r}: expected KEY=VALUE (e.g. optim.base_lr=0.2)")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"bad override {text!r}: empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value  # e.g. a path with a colon; keep it as a string
+    return key, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set dotted keys in the nested mapping ``raw`` (a copy is returned)."""
+    raw = copy.deepcopy(raw)
+    valid = set(all_keys())
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        # Anything below model.kwargs is free-form (passed to create_model); everything else must exist.
+        free = len(parts) > 2 and parts[:2] == ["model", "kwargs"]
+        if key not in valid and not free:
+            raise _unknown(key, sorted(valid))
+        node = raw
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return raw
+
+
+def build_config(raw: dict) -> Config:
+    cfg = _build(Config, raw)
+    _check_semantics(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a config file (or the defaults when ``path`` is None), apply overrides, validate.
+
+    ``output_dir`` defaults to ``runs/<config file stem>``.
+    """
+    raw = load_yaml_tree(path) if path is not None else {}
+    raw = apply_overrides(raw, list(overrides))
+    cfg = build_config(raw)
+    if cfg.output_dir is None:
+        cfg.output_dir = str(Path("runs") / (Path(path).stem if path is not None else "default"))
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (atomically, so a crash never leaves half a file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dump_config(cfg))
+    tmp.replace(path)
+
+
+def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved config mappings."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict) and k != "kwargs":
+            out.extend(diff_configs(va, vb, f"{prefix}{k}."))
+        elif va != vb:
+            out.append(prefix + k)
+    return out

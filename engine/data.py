@@ -1,0 +1,238 @@
+"""Data sets, samplers and loaders.
+
+Determinism (for bitwise-exact resume): the training data order and every sample's augmentation are
+pure functions of ``(seed, epoch, position in the epoch)``: the sampler draws a permutation from
+``(seed, epoch)`` and hands each index out together with its own augmentation seed, and the data set
+runs the random transform under that seed (in a forked RNG, so neither the worker count nor the global
+RNG matters). A resumed run skips the batches already done and sees exactly the same samples.
+
+Evaluation is exact for any world size: rank ``r`` of ``w`` takes indices ``r, r + w, r + 2w, ...``
+with no padding, so every image is counted exactly once when the per-rank sums are all-reduced.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torchvision.datasets import ImageFolder
+
+from engine.transforms import build_train_transform, build_val_transform
+
+
+class CorruptImageError(RuntimeError):
+    """An image file that cannot be read or decoded."""
+
+
+class DataError(ValueError):
+    """A missing or malformed data set (one-line message)."""
+
+
+
+
+def _split_item(item: Any) -> tuple[int, int | None]:
+    if isinstance(item, (tuple, list)):
+        return int(item[0]), int(item[1])
+    return int(item), None
+
+
+def _seeded(fn: Callable[[], Any], seed: int | None) -> Any:
+    """Run ``fn`` with torch's RNG seeded by ``seed`` and restore the RNG afterwards."""
+    if seed is None:
+        return fn()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fn()
+
+
+class RobustImageFolder(ImageFolder):
+    """``ImageFolder`` whose items may carry their own augmentation seed, and which turns any failure
+    to read or decode a file into a :class:`CorruptImageError` naming the file (or, with
+    ``skip_corrupt``, yields ``None`` for it; :func:`collate` drops and counts those)."""
+
+    def __init__(self, root: str, transform: Callable, loader: Callable, skip_corrupt: bool = False):
+        super().__init__(root, transform=transform, loader=loader)
+        self.skip_corrupt = skip_corrupt
+
+    def __getitem__(self, item: Any) -> Any:
+        index, seed = _split_item(item)
+        path, target = self.samples[index]
+        try:
+            sample = _seeded(lambda: self.transform(self.loader(path)), seed)
+        except Exception as e:  # noqa: BLE001 - any decoder failure means the file is unusable
+            if self.skip_corrupt:
+                return None
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CorruptImageError(f"corrupt or unreadable image {path}: {reason}") from None
+        return sample, target
+
+
+class SyntheticDataset(Dataset):
+    """Random uint8 images for benchmarking the training step without touching disk.
+
+    A small pool of fixed random images is reused so that producing a sample costs almost nothing;
+    labels are ``index % num_classes``.
+    """
+
+    def __init__(self, size: int, image_size: int, num_classes: int, seed: int = 0, pool: int = 32):
+        g = torch.Generator().manual_seed(seed)
+        self.size, self.num_classes = size, num_classes
+        self.pool = torch.randint(0, 256, (pool, 3, image_size, image_size), dtype=torch.uint8, generator=g)
+        self.classes = [str(i) for i in range(num_classes)]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, item: Any) -> tuple[torch.Tensor, int]:
+        index, _ = _split_item(item)
+        return self.pool[index % len(self.pool)], index % self.num_classes
+
+
+def collate(batch: list) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """Stack the readable samples; return ``(images, targets, number of skipped corrupt files)``."""
+    good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return None, None, skipped
+    images, targets = default_collate(good)
+    return images, targets, skipped
+
+
+class TrainBatchSampler(Sampler):
+    """Deterministic sharded batches of ``(index, augmentation seed)``.
+
+    Epoch ``e``: permutation from ``(seed, e)``; rank ``r`` of ``w`` takes positions ``r, r + w, ...``
+    of the first ``(n // w) * w`` (equal shares, so every rank runs the same number of steps), cut into
+    full batches (the remainder is dropped, a different one each epoch). ``set_epoch(e, start_step)``
+    resumes mid-epoch by skipping the first ``start_step`` batches.
+    """
+
+    def __init__(self, size: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 max_steps: int | None = None):
+        per_rank = size // world_size
+        if per_rank < batch_size:
+            raise DataError(f"training set of {size} images is too small for {world_size} process(es) "
+                            f"x batch {batch_size} (need at least one full batch per process)")
+        self.size, self.batch_size, self.world_size, self.rank, self.seed = size, batch_size, world_size, rank, seed
+        self.steps = per_rank // batch_size if max_steps is None else min(per_rank // batch_size, max_steps)
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's indices and augmentation seeds for ``epoch`` (pure function of seed/epoch/rank)."""
+        perm = np.random.default_rng([self.seed, epoch, 0]).permutation(self.size)
+        seeds = np.random.default_rng([self.seed, epoch, 1]).integers(0, 2**62, self.size)
+        used = (self.size // self.world_size) * self.world_size
+        return perm[self.rank:used:self.world_size], seeds[self.rank:used:self.world_size]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        idx, seeds = self.epoch_plan(self.epoch)
+        b = self.batch_size
+        for step in range(self.start_step, self.steps):
+            yield [(int(i), int(s)) for i, s in zip(idx[step * b:(step + 1) * b], seeds[step * b:(step + 1) * b])]
+
+    def __len__(self) -> int:
+        return self.steps - self.start_step
+
+
+class ExactEvalBatchSampler(Sampler):
+    """Rank ``r`` of ``w`` gets indices ``r, r + w, ...``: no padding, no duplicates, shares differ by <= 1."""
+
+    def __init__(self, size: int, batch_size: int, world_size: int = 1, rank: int = 0):
+        self.indices = list(range(rank, size, world_size))
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for i in range(0, len(self.indices), self.batch_size):
+            yield self.indices[i:i + self.batch_size]
+
+    def __len__(self) -> int:
+        return (len(self.indices) + self.batch_size - 1) // self.batch_size
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def _imagefolder(root: Path, split: str, transform: Callable, loader: Callable, skip: bool) -> RobustImageFolder:
+    folder = root / split
+    if not folder.is_dir():
+        raise DataError(f"data.root: {root} has no {split}/ folder (expected an ImageFolder tree "
+                        f"{root}/{{train,val}}/<class>/<image>)")
+    try:
+        return RobustImageFolder(str(folder), transform=transform, loader=loader, skip_corrupt=skip)
+    except (FileNotFoundError, OSError) as e:  # e.g. no class folders / no images
+        raise DataError(f"data.root: cannot use {folder}: {str(e).splitlines()[0]}") from None
+
+
+def build_datasets(cfg, num_classes: int, need_train: bool = True) -> tuple[Dataset | None, Dataset]:
+    """Return ``(train set or None, val set)`` for ``cfg.data``."""
+    d = cfg.data
+    if d.source == "synthetic":
+        train = SyntheticDataset(d.synthetic_train_size, d.image_size, num_classes, seed=cfg.seed) if need_train else None
+        return train, SyntheticDataset(d.synthetic_val_size, d.image_size, num_classes, seed=cfg.seed + 1)
+    root = Path(d.root)
+    if not root.is_dir():
+        raise DataError(f"data.root: {root} does not exist or is not a directory")
+    train = None
+    if need_train:
+        loader, tf = build_train_transform(d.image_size, crop=d.crop, pipeline=d.pipeline)
+        train = _imagefolder(root, "train", tf, loader, d.skip_corrupt)
+    loader, tf = build_val_transform(d.image_size, d.val_resize, pipeline=d.pipeline)
+    val = _imagefolder(root, "val", tf, loader, d.skip_corrupt)
+    for ds in (train, val):
+        if ds is not None and len(ds.classes) > num_classes:
+            raise DataError(f"model.num_classes={num_classes} but {ds.root} has {len(ds.classes)} class folders")
+    if train is not None and train.class_to_idx != val.class_to_idx:
+        raise DataError(f"data.root: {root}/train and {root}/val have different class folders")
+    return train, val
+
+
+def make_loader(dataset: Dataset, batch_sampler: Sampler, workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate,
+                      pin_memory=pin_memory, persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Built-in demo data: scikit-learn's digits as an ImageFolder of PNGs.
+
+DIGITS_MARKER = ".fcanet_digits_complete"
+
+
+def write_digits_imagefolder(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Path:
+    """Write ``sklearn.datasets.load_digits`` (1797 8x8 grey images, 10 classes) to
+    ``root/{train,val}/<digit>/<n>.png`` with a deterministic stratified split. Done once: a complete
+    tree (marker file) is left alone; the tree is built in a temp folder and renamed into place."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    root = Path(root)
+    marker = f"val_fraction={val_fraction} seed={seed}\n"
+    if (root / DIGITS_MARKER).is_file() and (root / DIGITS_MARKER).read_text() == marker:
+        return root
+    if root.exists() and any(root.iterdir()) and not (root / DIGITS_MARKER).is_file():
+        raise DataError(f"data.root: {root} exists and is not a digits tree written by this project; "
+                        "choose an empty or new folder")
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    idx = np.arange(len(images))
+    train_idx, val_idx = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=digits.target)
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split, ids in (("train", train_idx), ("val", val_idx)):
+        for i in sorted(ids):
+            folder = tmp / split / str(int(digits.target[i]))
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i], mode="L").save(folder / f"{i:04d}.png")
+    (tmp / DIGITS_MARKER).write_text(marker)
+    if root.exists():
+        shutil.rmtree(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(root)
+    return root

@@ -1,0 +1,122 @@
+"""DataLoader construction and host-to-device prefetch for the training and evaluation loops.
+
+* :func:`default_workers`: worker processes per training process, from the CPUs this process may run on
+  (``os.sched_getaffinity``) shared among the processes of one node.
+* :func:`make_loader`: a ``DataLoader`` with the settings that keep the input pipeline off the critical
+  path: ``pin_memory`` only when the target device is CUDA, persistent workers, a deeper prefetch queue,
+  one intra-op thread per worker (PyTorch's default in workers).
+* :class:`DevicePrefetcher`: wraps a loader so that batch ``i + 1`` is copied to the GPU (and, for uint8
+  batches, converted and normalized by :func:`engine.transforms.to_model_input`) on a side CUDA stream
+  while batch ``i`` trains. On CPU it simply converts each batch. It never synchronizes the host.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .transforms import to_model_input
+
+DEFAULT_PREFETCH_FACTOR = 4
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (affinity mask, e.g. a SLURM/cgroup allocation), else ``os.cpu_count``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(local_world_size: int = 1) -> int:
+    """Worker processes per training process: the node's CPUs split among its ``local_world_size`` processes,
+    keeping one CPU per process for the main (training) process."""
+    if local_world_size < 1:
+        raise ValueError(f"local_world_size must be >= 1, got {local_world_size}")
+    return max(1, available_cpus() // local_world_size - 1)
+
+
+def make_loader(dataset: Dataset, batch_size: int, sampler: Optional[Sampler] = None,
+                workers: Optional[int] = None, device: Any = "cpu", *, shuffle: bool = False,
+                drop_last: bool = False, prefetch_factor: int = DEFAULT_PREFETCH_FACTOR,
+                collate_fn: Optional[Callable] = None, local_world_size: int = 1) -> DataLoader:
+    """Build the DataLoader for ``dataset``.
+
+    ``workers=None`` picks :func:`default_workers`. ``pin_memory`` is on only for a CUDA ``device`` (pinned
+    host memory makes the non-blocking uint8 copy in :func:`to_model_input` truly asynchronous); with
+    workers, they persist across epochs and each keeps ``prefetch_factor`` batches in flight (one intra-op
+    thread each, PyTorch's default in workers).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if workers is None:
+        workers = default_workers(local_world_size)
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if sampler is not None and shuffle:
+        raise ValueError("pass either a sampler or shuffle=True, not both")
+    if prefetch_factor < 1:
+        raise ValueError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
+    device = torch.device(device)
+    kwargs: dict[str, Any] = {}
+    if workers > 0:
+        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor)  # workers run 1 thread each
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle, num_workers=workers,
+                      pin_memory=device.type == "cuda" and torch.cuda.is_available(), drop_last=drop_last,
+                      collate_fn=collate_fn, **kwargs)
+
+
+class DevicePrefetcher:
+    """Iterate ``(images, targets)`` batches of ``loader`` as model-ready tensors on ``device``.
+
+    On CUDA the copy and uint8 -> normalized float conversion of the next batch run on a side stream, and
+    the consumer stream waits on an event (no host synchronization); tensors are marked with
+    ``record_stream`` so the caching allocator does not reuse them early. Elsewhere batches are converted
+    synchronously. Extra items of a batch (e.g. indices) are moved to the device unchanged.
+    """
+
+    def __init__(self, loader: Any, device: Any, channels_last: bool = False):
+        self.loader, self.device, self.channels_last = loader, torch.device(device), channels_last
+        self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _convert(self, batch: Any) -> Any:
+        images, *rest = batch
+        if images is not None:  # None: a batch whose files were all skipped as corrupt (engine.data.collate)
+            images = to_model_input(images, self.device, self.channels_last)
+        rest = [r.to(self.device, non_blocking=True) if torch.is_tensor(r) else r for r in rest]
+        return (images, *rest)
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self._cuda:
+            for batch in self.loader:
+                yield self._convert(batch)
+            return
+        stream = torch.cuda.Stream(device=self.device)
+        it = iter(self.loader)
+
+        def preload():
+            try:
+                batch = next(it)
+            except StopIteration:
+                return None
+            with torch.cuda.stream(stream):
+                out = self._convert(batch)
+            event = torch.cuda.Event()
+            event.record(stream)
+            return out, event
+
+        nxt = preload()
+        while nxt is not None:
+            out, event = nxt
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            for t in out:
+                if torch.is_tensor(t):
+                    t.record_stream(current)
+            nxt = preload()
+            yield out

@@ -1,0 +1,179 @@
+"""Frequency ablations: plans, frequency sources, the ranking step, collect (no training here)."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ablation.cli import main
+from ablation.collect import collect
+from ablation.studies import GRID_POINTS, AblationError, build_plan
+from models.dct import PUBLISHED_ORDERS, published_frequencies, rank_frequencies
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_GRID = {(int(r["u"]), int(r["v"])): float(r["top1_unrounded"])
+              for r in csv.DictReader(open(REPO / "results/paper/fig4_single_frequency.csv"))}
+KS = [1, 2, 4, 8, 16, 32]
+
+
+def fake_summary(run_dir: Path, top1: float, epochs: int, top5: float = 99.0) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(json.dumps(
+        {"final_top1": top1, "final_top5": top5, "best_top1": top1, "epochs": epochs}))
+
+
+def fill_grid(runs_root: Path, values: dict, epochs: int = 1, seed: int = 0) -> None:
+    for (u, v), acc in values.items():
+        fake_summary(runs_root / "single_freq" / f"u{u}v{v}-s{seed}", acc, epochs)
+
+
+def plan_lines(capsys, *args):
+    assert main(["plan", *args]) == 0
+    return [line for line in capsys.readouterr().out.splitlines() if line and not line.startswith("#")]
+
+
+@pytest.mark.parametrize("preset", ["mini", "imagenet"])
+def test_plan_counts_and_frequencies(tmp_path, capsys, preset):
+    lines = plan_lines(capsys, "--study", "single_freq", "--preset", preset, "--output", str(tmp_path))
+    assert len(lines) == 49
+    assert sorted(line.split()[0] for line in lines) == sorted(f"single_freq/u{u}v{v}-s0" for u, v in GRID_POINTS)
+    assert all("model.init_checkpoint=" in line and "train.epochs=" in line for line in lines)
+    for study, method in (("topk", "top"), ("lowk", "low"), ("botk", "bot")):
+        plan = build_plan(study, preset, runs_root=tmp_path / "runs")
+        assert [r.meta["k"] for r in plan.runs] == KS
+        for run in plan.runs:
+            assert run.overrides["model.freq"] == [list(f) for f in published_frequencies(method, run.meta["k"])]
+            assert run.meta["freq_source"] == "published" and "/published/" in run.name
+        assert len(plan_lines(capsys, "--study", study, "--preset", preset, "--output", str(tmp_path))) == 6
+
+
+def test_plan_base_dependency_and_gpu_hours(tmp_path, capsys):
+    assert main(["plan", "--study", "single_freq", "--preset", "imagenet", "--output", str(tmp_path),
+                 "--throughput", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "# dependency: single_freq/base" in out and "configs/imagenet/resnet50.yaml" in out
+    # 100 + 49 * 20 epochs of 1,281,167 images at 1000 img/s
+    expected = 1281167 * (100 + 49 * 20) / 1000 / 3600
+    assert f"{expected:.4g} GPU-hours" in out
+    plan = build_plan("single_freq", "imagenet", runs_root=tmp_path, base_checkpoint=str(tmp_path / "r50.pth"))
+    assert len(plan.runs) == 49 and not plan.runs[0].depends
+    assert plan.runs[0].overrides["model.init_checkpoint"] == str(tmp_path / "r50.pth")
+    assert plan.runs[0].overrides["optim.base_lr"] == 0.02 and plan.runs[0].epochs == 20
+
+
+def test_seeds_multiply_runs(tmp_path):
+    plan = build_plan("botk", "mini", seeds=3, runs_root=tmp_path)
+    assert len(plan.runs) == 18 and {r.overrides["seed"] for r in plan.runs} == {0, 1, 2}
+    assert len({r.run_dir for r in plan.runs}) == 18
+
+
+def test_ranking_on_paper_grid_reproduces_published_orders(tmp_path):
+    runs = tmp_path / "runs"
+    fill_grid(runs, PAPER_GRID)
+    for study, method in (("topk", "top"), ("botk", "bot")):
+        plan = build_plan(study, "mini", runs_root=runs)
+        assert plan.freq_source == "measured"
+        for run in plan.runs:
+            assert run.meta["freq_source"] == "measured" and "/measured/" in run.name
+            assert run.meta["frequencies"] == [list(f) for f in PUBLISHED_ORDERS[method][:run.meta["k"]]]
+    # Low-k is a fixed order: never measured
+    assert build_plan("lowk", "mini", runs_root=runs).freq_source == "published"
+    # explicit published source
+    assert build_plan("topk", "mini", runs_root=runs, freq_source="published").freq_source == "published"
+
+
+def test_measured_source_needs_complete_grid(tmp_path):
+    runs = tmp_path / "runs"
+    partial = dict(list(PAPER_GRID.items())[:48])
+    fill_grid(runs, partial)
+    assert build_plan("topk", "mini", runs_root=runs).freq_source == "published"
+    with pytest.raises(AblationError, match="48 are"):
+        build_plan("topk", "mini", runs_root=runs, freq_source="measured")
+    # a different grid gives a different (measured) order; seeds are averaged
+    flipped = {k: -v for k, v in PAPER_GRID.items()}
+    fill_grid(runs, flipped, seed=0)
+    fill_grid(runs, flipped, seed=1)
+    plan = build_plan("topk", "mini", runs_root=runs)
+    assert plan.freq_source == "measured"
+    expected = rank_frequencies(flipped, descending=True)[:32]
+    assert plan.runs[-1].meta["frequencies"] == [list(f) for f in expected]
+    assert expected[:5] == list(PUBLISHED_ORDERS["bot"][:5])  # flipped grid: Top-k = the paper's Bot-k
+
+
+def test_bad_input_one_line_errors(capsys):
+    for args, needle in ((["plan", "--study", "nope", "--preset", "mini"], "unknown study 'nope'"),
+                         (["plan", "--study", "topk", "--preset", "nope"], "unknown preset 'nope'"),
+                         (["collect", "--study", "topk", "--preset", "mini", "--seeds", "0"], "--seeds"),
+                         (["run", "--study", "topk", "--preset", "mini", "--seeds", "x"], "--seeds"),
+                         (["frobnicate", "--study", "topk", "--preset", "mini"], "invalid choice")):
+        try:
+            rc = main(args)
+        except SystemExit as exc:  # argparse errors
+            rc = exc.code
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and needle in err and len(err.splitlines()) == 1, (args, err)
+    # and through the real entry point: no traceback
+    p = subprocess.run([sys.executable, "-m", "ablation", "collect", "--study", "topk", "--preset", "nope"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip().startswith("error: unknown preset 'nope'")
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_collect_partial_results(tmp_path):
+    out = tmp_path / "res"
+    runs = out / "runs"
+    fake_summary(runs / "single_freq" / "u0v0-s0", 91.5, 1, 99.1)
+    fake_summary(runs / "single_freq" / "u0v0-s1", 92.5, 1, 99.3)
+    fake_summary(runs / "single_freq" / "u3v4-s0", 90.0, 1)
+    fake_summary(runs / "single_freq" / "u3v5-s0", 90.0, 0)  # fewer epochs than planned: incomplete
+    assert main(["collect", "--study", "single_freq", "--preset", "mini", "--output", str(out), "--seeds", "2"]) == 0
+    d = out / "single_freq"
+    rows = list(csv.DictReader(open(d / "table.csv")))
+    assert len(rows) == 49
+    r00 = rows[0]
+    assert (r00["u"], r00["v"], r00["n"]) == ("0", "0", "2")
+    assert float(r00["top1_mean"]) == pytest.approx(92.0) and float(r00["top1_std"]) == pytest.approx(0.7071, abs=1e-4)
+    assert float(r00["diff_top1"]) == pytest.approx(92.0 - 76.69)
+    r34 = rows[3 * 7 + 4]
+    assert r34["n"] == "1" and r34["top1_std"] == ""  # n=1: no std
+    r35 = rows[3 * 7 + 5]
+    assert r35["n"] == "0" and r35["top1_mean"] == "" and r35["diff_top1"] == ""  # missing, not zero
+    md = (d / "table.md").read_text()
+    assert "92.00 ± 0.71 (n=2)" in md and "missing" in md and "76.69" in md
+    assert (d / "fig4_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    runs_csv = list(csv.DictReader(open(d / "runs.csv")))
+    assert len(runs_csv) == 1 + 98 and sum(r["status"] == "complete" for r in runs_csv) == 3
+
+    fake_summary(runs / "topk" / "published" / "top4-s0", 93.0, 2, 99.5)
+    assert main(["collect", "--study", "topk", "--preset", "mini", "--output", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "topk" / "table.csv")))
+    assert [r["k"] for r in rows] == ["1", "2", "4", "8", "16", "32"]
+    assert rows[2]["top1_mean"] == "93.0" and float(rows[2]["diff_top1"]) == pytest.approx(93.0 - 78.38)
+    assert rows[0]["top1_mean"] == "" and all(r["freq_source"] == "published" for r in rows)
+    md = (out / "topk" / "table.md").read_text()
+    assert "| 4 | 93.00 (n=1) | 78.38 | +14.62 |" in md and "| 1 | missing | 77.26 |" in md
+    assert (out / "topk" / "topk_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_collect_corrupt_summary_errors_and_keeps_tables(tmp_path, capsys):
+    out = tmp_path / "res"
+    fake_summary(out / "runs" / "lowk" / "published" / "low2-s0", 90.0, 2)
+    assert main(["collect", "--study", "lowk", "--preset", "mini", "--output", str(out)]) == 0
+    before = (out / "lowk" / "table.md").read_text()
+    bad = out / "runs" / "lowk" / "published" / "low4-s0" / "summary.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("{not json")
+    capsys.readouterr()
+    assert main(["collect", "--study", "lowk", "--preset", "mini", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: corrupt summary file") and str(bad) in err and len(err.splitlines()) == 1
+    assert (out / "lowk" / "table.md").read_text() == before
+
+
+def test_imagenet_collect_without_runs(tmp_path):
+    plan = build_plan("botk", "imagenet", runs_root=tmp_path / "runs")
+    collect(plan, tmp_path)
+    md = (tmp_path / "botk" / "table.md").read_text()
+    assert md.count("missing") == 12 and "77.60" in md and "**published**" in md

@@ -1,0 +1,218 @@
+"""`python -m ablation run`: idempotence, kill + resume, concurrent runners, dependencies, locks.
+
+A fake trainer (this file run as a script, injected with --trainer-cmd) stands in for train_imagenet.py: it
+"trains" ``train.epochs x FAKE_STEPS`` steps, checkpoints every step atomically, resumes from its checkpoint,
+and records every completed step and every completion, so the tests can check that each point was trained
+exactly once and that a killed run lost at most the step in flight.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE = f"{sys.executable} {Path(__file__).resolve()}"
+
+
+def fake_trainer(argv):
+    overrides = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith("--"))
+    out = Path(overrides["output_dir"])
+    steps_total = int(overrides["train.epochs"]) * int(os.environ.get("FAKE_STEPS", "3"))
+    delay = float(os.environ.get("FAKE_SLEEP", "0"))
+    out.mkdir(parents=True, exist_ok=True)
+    # A second trainer on the same run directory while one is alive is the bug these tests look for.
+    running = out / "fake.running"
+    if running.exists():
+        pid = int(running.read_text() or 0)
+        try:  # alive and not a zombie (a killed orphan may stay a zombie in a container)
+            alive = open(f"/proc/{pid}/stat").read().split(") ", 1)[1][0] != "Z"
+        except OSError:
+            alive = False
+        if alive:
+            (out.parent / "CONCURRENT").write_text(str(out))
+            return 3
+    running.write_text(str(os.getpid()))
+    ckpt = out / "checkpoints" / "last.pth"
+    ckpt.parent.mkdir(exist_ok=True)
+    state = json.loads(ckpt.read_text()) if ckpt.exists() else {"done": []}
+    with open(out / "invocations.log", "a") as f:
+        f.write(f"{os.getpid()} start_step={len(state['done'])}\n")
+    for step in range(len(state["done"]), steps_total):
+        time.sleep(delay)
+        state["done"].append(step)
+        tmp = ckpt.with_name("last.tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, ckpt)
+    freq = json.loads(overrides.get("model.freq", "[[0,0]]"))
+    top1 = 90.0 - sum(u + 0.1 * v for u, v in freq) / len(freq)
+    (out / "summary.json").write_text(json.dumps({"final_top1": top1, "final_top5": 99.0, "best_top1": top1,
+                                                  "epochs": int(overrides["train.epochs"]), "steps": state["done"]}))
+    with open(out.parent / "completions.log", "a") as f:
+        f.write(out.name + "\n")
+    running.unlink()
+    return 0
+
+
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def ablation(*args, env=None):
+    """``python -m ablation ARGS`` in this process (the CLI's main), with a temporary environment."""
+    import contextlib
+    import io
+
+    from ablation.cli import main
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(list(args))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return Result(rc, out.getvalue(), err.getvalue())
+
+
+def summaries(root: Path):
+    return sorted(root.rglob("summary.json"))
+
+
+def test_single_freq_dependency_then_measured_topk(tmp_path):
+    out = tmp_path / "res"
+    p = ablation("run", "--study", "single_freq", "--preset", "mini", "--output", str(out), "--trainer-cmd", FAKE,
+                 "--quiet", env={"FAKE_STEPS": "1"})
+    assert p.returncode == 0, p.stderr
+    sf = out / "runs" / "single_freq"
+    assert len(summaries(sf)) == 50  # base + 49
+    assert sorted((sf / "completions.log").read_text().split()) == sorted(
+        ["base"] + [f"u{u}v{v}-s0" for u in range(7) for v in range(7)])
+    meta = json.loads((sf / "u2v3-s0" / "ablation.json").read_text())
+    assert meta["frequencies"] == [[2, 3]] and meta["init_checkpoint"].endswith("base/checkpoints/last.pth")
+    # complete grid -> Top-k from our measurements: the fake accuracy falls with u + v/10, so (0,0),(0,1),...
+    p = ablation("plan", "--study", "topk", "--preset", "mini", "--output", str(out))
+    assert "# frequency source: measured" in p.stdout and "topk/measured/top4-s0" in p.stdout
+    assert "model.freq=[[0,0],[0,1],[0,2],[0,3]]" in p.stdout
+    # a re-run does nothing
+    p = ablation("run", "--study", "single_freq", "--preset", "mini", "--output", str(out), "--trainer-cmd", FAKE)
+    assert p.returncode == 0 and "complete 50, ran 0" in p.stdout
+
+
+def test_kill_mid_study_and_resume_trains_each_point_once(tmp_path):
+    out = tmp_path / "res"
+    args = ("run", "--study", "botk", "--preset", "mini", "--output", str(out), "--trainer-cmd", FAKE, "--quiet")
+    env = {**os.environ, "FAKE_STEPS": "10", "FAKE_SLEEP": "0.05"}  # 2 epochs x 10 steps x 0.05 s per run
+    proc = subprocess.Popen([sys.executable, "-m", "ablation", *args], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    root = out / "runs" / "botk" / "published"
+    deadline = time.time() + 60
+    # wait until two runs are complete and the third is part-way through
+    while time.time() < deadline:
+        third = root / "bot4-s0" / "checkpoints" / "last.pth"
+        if len(summaries(root)) >= 2 and third.exists() and 3 <= len(json.loads(third.read_text())["done"]) < 15:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # runner and trainer die without cleanup
+    proc.wait()
+    assert (root / "bot4-s0" / "ablation.lock").exists()  # a stale lock of dead processes
+    assert not (root / "bot4-s0" / "summary.json").exists()
+    p = ablation(*args, env={"FAKE_STEPS": "10"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "complete 2, ran 4" in p.stdout
+    assert sorted((root / "completions.log").read_text().split()) == sorted(f"bot{k}-s0" for k in (1, 2, 4, 8, 16, 32))
+    for k in (1, 2, 4, 8, 16, 32):
+        summary = json.loads((root / f"bot{k}-s0" / "summary.json").read_text())
+        assert summary["steps"] == list(range(20))  # every step exactly once, none repeated after the kill
+        assert not (root / f"bot{k}-s0" / "ablation.lock").exists()
+    invocations = (root / "bot4-s0" / "invocations.log").read_text().splitlines()
+    assert len(invocations) == 2 and invocations[0].endswith("start_step=0") and not invocations[1].endswith("=0")
+    assert not (root / "CONCURRENT").exists()
+
+
+def test_two_concurrent_runners_never_train_a_point_twice(tmp_path):
+    out = tmp_path / "res"
+    args = [sys.executable, "-m", "ablation", "run", "--study", "lowk", "--preset", "mini", "--seeds", "2",
+            "--output", str(out), "--trainer-cmd", FAKE, "--quiet"]
+    env = {**os.environ, "FAKE_STEPS": "2", "FAKE_SLEEP": "0.05"}
+    procs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    root = out / "runs" / "lowk" / "published"
+    done = (root / "completions.log").read_text().split()
+    assert sorted(done) == sorted(f"low{k}-s{s}" for k in (1, 2, 4, 8, 16, 32) for s in (0, 1))  # each once
+    assert not (root / "CONCURRENT").exists()
+    ran = [int(o.split(" ran ")[1].split(",")[0]) for o in outputs if " ran " in o]
+    assert sum(ran) == 12
+
+
+def test_stale_and_live_locks(tmp_path):
+    from ablation.locking import RunLock, is_stale
+    run_dir = tmp_path / "r"
+    a = RunLock(run_dir)
+    assert a.try_acquire()
+    b = RunLock(run_dir)
+    assert not b.try_acquire() and b.holder["pid"] == os.getpid()  # live holder: not broken
+    a.release()
+    assert b.try_acquire()
+    b.release()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    info = {"pid": dead.pid, "host": __import__("socket").gethostname(), "child_pid": None, "token": "x"}
+    (run_dir / "ablation.lock").write_text(json.dumps(info))
+    assert is_stale(info)
+    c = RunLock(run_dir)
+    assert c.try_acquire()  # a dead local holder's lock is broken
+    c.release()
+    other = dict(info, host="some-other-node")
+    (run_dir / "ablation.lock").write_text(json.dumps(other))
+    assert not RunLock(run_dir).try_acquire()  # another host's lock is never broken automatically
+
+
+def test_run_corrupt_summary_and_failed_trainer(tmp_path):
+    out = tmp_path / "res"
+    bad = out / "runs" / "topk" / "published" / "top1-s0" / "summary.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("[1, 2")
+    p = ablation("run", "--study", "topk", "--preset", "mini", "--output", str(out), "--trainer-cmd", FAKE)
+    assert p.returncode == 2 and p.stderr.startswith("error: corrupt summary file") and "Traceback" not in p.stderr
+    assert bad.read_text() == "[1, 2"  # left alone
+    bad.unlink()
+    p = ablation("run", "--study", "topk", "--preset", "mini", "--output", str(out), "--limit", "1",
+                 "--trainer-cmd", f"{sys.executable} -c 'import sys; sys.exit(5)'")
+    assert p.returncode == 1 and "failed: topk/published/top1-s0" in p.stderr
+    assert not (bad.parent / "ablation.lock").exists()
+
+
+def test_submitit_jobs_run_through_the_same_locks(tmp_path):
+    import pytest
+    pytest.importorskip("submitit")
+    out = tmp_path / "res"
+    # submitit's local executor stands in for Slurm (same job pickling, same SlurmRun entry point)
+    p = ablation("run", "--study", "lowk", "--preset", "mini", "--output", str(out), "--slurm", "--slurm-cluster",
+                 "local", "--limit", "1", "--trainer-cmd", FAKE)
+    assert p.returncode == 0 and "submitted lowk/published/low1-s0: job" in p.stdout, p.stderr
+    summary = out / "runs" / "lowk" / "published" / "low1-s0" / "summary.json"
+    deadline = time.time() + 90
+    while not summary.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert summary.exists()
+    assert json.loads((summary.parent / "ablation.json").read_text())["frequencies"] == [[0, 0]]
+
+
+def test_emit_sbatch(tmp_path):
+    script = tmp_path / "sf.sbatch"
+    p = ablation("run", "--study", "single_freq", "--preset", "imagenet", "--output", str(tmp_path), "--gpus", "8",
+                 "--emit-sbatch", str(script))
+    assert p.returncode == 0, p.stderr
+    text = script.read_text()
+    assert "#SBATCH --gpus-per-node=8" in text and "--array=1-49%8" in text and "--index \"$SLURM_ARRAY_TASK_ID\"" in text
+    assert "#   0: single_freq/base" in text and "#   49: single_freq/u6v6-s0" in text
+
+
+if __name__ == "__main__":
+    sys.exit(fake_trainer(sys.argv[1:]))

@@ -1,0 +1,123 @@
+"""Config loading, inheritance, overrides and validation errors (one line, naming the key)."""
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import BASE_CONFIG, ROOT
+from engine.config import ConfigError, apply_overrides, load_config, load_yaml_tree, save_config
+
+IMAGENET = sorted((ROOT / "configs" / "imagenet").glob("*.yaml"))
+
+
+def err(overrides, path=BASE_CONFIG) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_defaults_and_overrides_are_typed():
+    cfg = load_config(BASE_CONFIG, ["optim.base_lr=0.2", "data.root=/x/y", "model.freq=[[0, 1]]",
+                                    "optim.weight_decay=5e-5", "train.epochs=20", "model.init_checkpoint=null",
+                                    "model.kwargs.widths=[16,32,64,128]"])
+    assert cfg.optim.base_lr == 0.2 and cfg.data.root == "/x/y" and cfg.train.epochs == 20
+    assert cfg.model.freq == [[0, 1]] and cfg.model.init_checkpoint is None
+    assert cfg.optim.weight_decay == pytest.approx(5e-5)  # "5e-5" is a YAML string; float keys accept it
+    assert cfg.model.kwargs == {"widths": [16, 32, 64, 128]}
+    assert cfg.output_dir == "runs/imagenet"  # default: runs/<config stem>
+    assert load_config(BASE_CONFIG, ["model.freq=low4"]).model.freq == "low4"
+    assert load_config(BASE_CONFIG, ["train.amp=off"]).train.amp == "off"  # YAML would read a bare off as False
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.epoch=3", "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
+    ("optim.lr=0.2", "unknown config key 'optim.lr' (did you mean 'optim.base_lr'?)"),
+    ("modle.name=resnet50", "unknown config key 'modle.name' (did you mean 'model.name'?)"),
+    ("train.epochs=ten", "config key 'train.epochs': expected int, got 'ten'"),
+    ("train.epochs=2.5", "config key 'train.epochs': expected int"),
+    ("train.channels_last=3", "config key 'train.channels_last': expected bool"),
+    ("train.amp=fp8", "config key 'train.amp': bad value 'fp8'; expected one of bf16, fp16, off"),
+    ("optim.base_lr=-0.1", "config key 'optim.base_lr': bad value -0.1; must be >= 0"),
+    ("train.batch_size=0", "config key 'train.batch_size': bad value 0; must be >= 1"),
+    ("model.freq=top99", "config key 'model.freq'"),
+    ("model.freq=[[0, 9]]", "config key 'model.freq'"),
+    ("data.source=webdataset", "config key 'data.source': bad value 'webdataset'"),
+    ("train.warmup_epochs=200", "config key 'train.warmup_epochs'"),
+    ("noequals", "bad override 'noequals'"),
+])
+def test_bad_overrides_are_one_line_errors(override, needle):
+    assert needle in err([override])
+
+
+def test_unknown_key_in_file_and_inheritance(tmp_path):
+    base = tmp_path / "base" / "b.yaml"
+    base.parent.mkdir()
+    base.write_text("train:\n  epochs: 7\n  batch_size: 16\noptim:\n  base_lr: 0.3\n")
+    child = tmp_path / "exp" / "c.yaml"
+    child.parent.mkdir()
+    child.write_text("_base_: ../base/b.yaml\ntrain:\n  epochs: 9\n")
+    cfg = load_config(child, ["optim.base_lr=0.5"])
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.optim.base_lr) == (9, 16, 0.5)  # child > base, CLI > child
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("_base_: base/b.yaml\ntrain:\n  warmup_epoch: 2\n")
+    assert "unknown config key 'train.warmup_epoch' (did you mean 'train.warmup_epochs'?)" in err([], bad)
+    missing = tmp_path / "m.yaml"
+    missing.write_text("_base_: nowhere.yaml\n")
+    assert "config file not found" in err([], missing)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("_base_: loop.yaml\n")
+    assert "circular" in err([], loop)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(BASE_CONFIG, ["model.name=senet50", "model.freq=[[0,1],[1,0]]", f"output_dir={tmp_path}"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+
+
+def test_override_creates_nested_and_copies():
+    raw = {"train": {"epochs": 3}}
+    out = apply_overrides(raw, ["train.batch_size=8"])
+    assert raw == {"train": {"epochs": 3}} and out["train"] == {"epochs": 3, "batch_size": 8}
+
+
+def test_train_cli_reports_config_errors(capsys, tmp_path):
+    from train_imagenet import main
+    assert main(["--config", str(BASE_CONFIG), "train.epoch=3", f"output_dir={tmp_path}/run"]) == 2
+    err_text = capsys.readouterr().err.strip()
+    assert err_text == "error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)"
+    assert not (tmp_path / "run").exists()  # nothing written for a bad config
+    assert main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_table2_configs_match_paper():
+    """One config per Table 2 number, headed by the launch command, hardware and the paper's top-1."""
+    rows = {(r["method"], r["backbone"]): r for r in csv.DictReader(open(ROOT / "results/paper/table2_imagenet.csv"))}
+    expected = {f"{m.lower()}{d}" for m in ("ResNet", "SENet", "ECANet", "FcaNet") for d in (34, 50, 101, 152)}
+    assert {p.stem for p in IMAGENET} == expected
+    for path in IMAGENET:
+        text = path.read_text()
+        header = "".join(line for line in text.splitlines() if line.startswith("#"))
+        assert "torchrun" in header and "train_imagenet.py --config configs/imagenet/" + path.name in header
+        assert "GPU" in header
+        m = re.match(r"([a-z]+)(\d+)$", path.stem)
+        method = {"resnet": "ResNet", "senet": "SENet", "ecanet": "ECANet", "fcanet": "FcaNet"}[m.group(1)]
+        row = rows[(method, f"ResNet-{m.group(2)}")]
+        assert f"top-1 {row['top1']}" in header, path
+        cfg = load_config(path)
+        assert cfg.model.name == path.stem
+        assert cfg.train.batch_size == (64 if int(m.group(2)) >= 101 else 128)
+        assert (cfg.train.epochs, cfg.optim.base_lr, cfg.train.label_smoothing) == (100, 0.1, 0.1)
+
+
+def test_demo_config_loads():
+    cfg = load_config(ROOT / "configs/demo/fcanet_digits.yaml")
+    assert cfg.model.name == "fcanet18" and cfg.data.prepare == "digits" and cfg.model.num_classes == 10
+    assert load_yaml_tree(ROOT / "configs/demo/fcanet_digits.yaml")["optim"]["momentum"] == 0.9  # inherited

@@ -1,0 +1,141 @@
+"""Samplers (deterministic order, exact eval sharding), corrupt images, digits tree, ImageNet val script."""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, write_tiny_imagefolder
+from engine.data import (CorruptImageError, ExactEvalBatchSampler, RobustImageFolder, TrainBatchSampler, collate,
+                         write_digits_imagefolder)
+from engine.transforms import build_train_transform
+
+
+def test_train_order_is_a_pure_function_of_seed_epoch_rank():
+    a = TrainBatchSampler(103, 4, world_size=2, rank=1, seed=7)
+    b = TrainBatchSampler(103, 4, world_size=2, rank=1, seed=7)
+    a.set_epoch(3)
+    torch.manual_seed(123)  # global RNG state must not matter
+    b.set_epoch(3)
+    assert list(a) == list(b)
+    b.set_epoch(4)
+    assert list(a) != list(b)
+    assert list(TrainBatchSampler(103, 4, seed=8)) != list(TrainBatchSampler(103, 4, seed=7))
+    # resume mid-epoch: skipping k steps yields exactly the tail
+    a.set_epoch(3)
+    full = list(a)
+    a.set_epoch(3, start_step=5)
+    assert list(a) == full[5:] and len(a) == len(full) - 5
+
+
+def test_train_shards_are_disjoint_and_equal():
+    shards = []
+    for rank in range(3):
+        s = TrainBatchSampler(100, 5, world_size=3, rank=rank, seed=0)
+        s.set_epoch(0)
+        batches = list(s)
+        assert len(batches) == 33 // 5 and all(len(b) == 5 for b in batches)
+        shards.append({i for b in batches for i, _ in b})
+    assert not (shards[0] & shards[1]) and not (shards[1] & shards[2]) and not (shards[0] & shards[2])
+    with pytest.raises(ValueError, match="too small"):
+        TrainBatchSampler(5, 4, world_size=2)
+
+
+@pytest.mark.parametrize("size", [1, 13, 97])
+def test_exact_eval_counts_every_image_once(size):
+    for world in (1, 2, 3, 4):
+        seen = [i for r in range(world) for b in ExactEvalBatchSampler(size, 4, world, r) for i in b]
+        assert sorted(seen) == list(range(size))
+
+
+def test_augmentation_is_seeded_per_sample(tmp_path):
+    root = write_tiny_imagefolder(tmp_path, classes=2, train_per_class=2, val_per_class=1)
+    loader, tf = build_train_transform(8, crop="fcanet", pipeline="fast")
+    ds = RobustImageFolder(str(root / "train"), transform=tf, loader=loader)
+    torch.manual_seed(0)
+    x1, _ = ds[(1, 42)]
+    state = torch.get_rng_state()
+    torch.manual_seed(999)
+    x2, _ = ds[(1, 42)]
+    assert torch.equal(x1, x2)
+    torch.manual_seed(999)
+    ds[(1, 42)]
+    assert torch.equal(torch.get_rng_state(), torch.get_rng_state()) and not torch.equal(state, torch.get_rng_state())
+    different = [ds[(1, s)][0] for s in range(6)]
+    assert any(not torch.equal(different[0], d) for d in different[1:])
+
+
+@pytest.mark.parametrize("payload", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n\x00\x00garbage"])
+def test_corrupt_image_names_the_file_or_is_skipped(tmp_path, payload):
+    root = write_tiny_imagefolder(tmp_path, classes=2, train_per_class=2, val_per_class=1)
+    bad = root / "train" / "class1" / "zz_bad.png"
+    bad.write_bytes(payload)
+    loader, tf = build_train_transform(8, pipeline="fast")
+    ds = RobustImageFolder(str(root / "train"), transform=tf, loader=loader)
+    idx = [p for p, _ in ds.samples].index(str(bad))
+    with pytest.raises(CorruptImageError, match=r"corrupt or unreadable image .*zz_bad\.png"):
+        ds[idx]
+    skip = RobustImageFolder(str(root / "train"), transform=tf, loader=loader, skip_corrupt=True)
+    images, targets, skipped = collate([skip[i] for i in range(len(skip))])
+    assert skipped == 1 and images.shape[0] == len(skip) - 1 == targets.shape[0]
+
+
+def test_digits_tree_is_deterministic_and_written_once(tmp_path):
+    root = write_digits_imagefolder(tmp_path / "digits")
+    train = sorted(p.relative_to(root) for p in (root / "train").rglob("*.png"))
+    val = sorted(p.relative_to(root) for p in (root / "val").rglob("*.png"))
+    assert len(train) + len(val) == 1797 and len(val) == 360
+    assert sorted(p.name for p in (root / "train").iterdir()) == [str(i) for i in range(10)]
+    mtime = (root / "train" / "0").stat().st_mtime_ns
+    write_digits_imagefolder(tmp_path / "digits")  # complete tree: left alone
+    assert (root / "train" / "0").stat().st_mtime_ns == mtime
+    again = write_digits_imagefolder(tmp_path / "digits2")
+    assert sorted(p.relative_to(again) for p in (again / "val").rglob("*.png")) == val
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    name = val[0]
+    img = np.asarray(Image.open(root / name))
+    expected = np.round(load_digits().images[int(name.stem)] * 255 / 16).astype(np.uint8)
+    assert img.shape == (8, 8) and np.array_equal(img, expected) and int(name.parent.name) == load_digits().target[int(name.stem)]
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_prepare_imagenet_val_script(tmp_path):
+    from scipy.io import savemat
+
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("prepare_imagenet_val", ROOT / "scripts/prepare_imagenet_val.py")
+    prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prep)
+
+    synsets = np.array([(1, "n0001", 0), (2, "n0002", 0), (3, "n0003", 0), (1001, "n9999", 2)],
+                       dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
+    meta = io.BytesIO()
+    savemat(meta, {"synsets": synsets})
+    truth = [3, 1, 2, 3, 3]
+    with tarfile.open(tmp_path / "devkit.tar.gz", "w:gz") as t:
+        _add(t, "ILSVRC2012_devkit_t12/data/meta.mat", meta.getvalue())
+        _add(t, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt",
+             "".join(f"{x}\n" for x in truth).encode())
+    with tarfile.open(tmp_path / "val.tar", "w") as t:
+        for i in range(1, 6):
+            _add(t, f"ILSVRC2012_val_{i:08d}.JPEG", f"jpeg{i}".encode())
+    out = tmp_path / "val"
+    assert prep.main(["--val-tar", str(tmp_path / "val.tar"), "--devkit", str(tmp_path / "devkit.tar.gz"),
+                      "--out", str(out)]) == 0
+    got = sorted(str(p.relative_to(out)) for p in out.rglob("*.JPEG"))
+    assert got == ["n0001/ILSVRC2012_val_00000002.JPEG", "n0002/ILSVRC2012_val_00000003.JPEG",
+                   "n0003/ILSVRC2012_val_00000001.JPEG", "n0003/ILSVRC2012_val_00000004.JPEG",
+                   "n0003/ILSVRC2012_val_00000005.JPEG"]
+    assert (out / "n0003/ILSVRC2012_val_00000004.JPEG").read_bytes() == b"jpeg4"
+    r = prep.prepare(tmp_path / "val.tar", tmp_path / "devkit.tar.gz", out)  # restartable
+    assert r["already_present"] == 5 and r["written"] == 0
+    assert prep.main(["--val-tar", str(tmp_path / "nope.tar"), "--devkit", "x", "--out", str(out)]) == 2

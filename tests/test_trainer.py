@@ -1,0 +1,173 @@
+"""Training runs end to end (in-process, tiny CPU model): run directory, bitwise-exact resume after a
+kill or SIGTERM mid-epoch, non-finite loss, corrupt images, fine-tune initialisation."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import BASE_CONFIG, ROOT, subprocess_env, tiny_overrides, write_tiny_imagefolder
+from engine.config import load_config
+from engine.trainer import SimulatedKill, fit
+
+
+def run(data, out, **extra):
+    return fit(load_config(BASE_CONFIG, tiny_overrides(data, out, **extra)))
+
+
+def final_state(out) -> dict:
+    return torch.load(out / "checkpoints" / "last.pth", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+
+
+RESUME = {"train.checkpoint_every_steps": 2}  # 24 images / batch 4 = 6 steps per epoch, 2 epochs
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_tiny_imagefolder(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    summary = run(data, out, **RESUME, **{"train.tensorboard": "true"})
+    return out, summary
+
+
+def test_run_directory_layout(reference):
+    out, summary = reference
+    assert (out / "config.yaml").is_file() and (out / "checkpoints/last.pth").is_file()
+    assert (out / "checkpoints/best.pth").is_file() and (out / "checkpoints/last.prev.pth").is_file()
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert load_config(out / "config.yaml").train.checkpoint_every_steps == 2  # resolved config, reloadable
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "img_per_s", "epoch_time_s"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert rows[-1]["val_count"] == 12 and rows[-1]["lr"] == 0.0  # cosine reaches 0 at the end
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    for key in ("best_top1", "final_top1", "final_top5", "epochs", "train_img_per_s", "wall_time_s", "gpu_hours",
+                "git_commit"):
+        assert key in saved
+    assert saved["epochs"] == 2 and saved["final_top1"] == rows[-1]["val_top1"]
+    assert saved["best_top1"] == max(r["val_top1"] for r in rows)
+    ck = final_state(out)
+    assert ck["global_step"] == 12 and not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+
+
+def test_kill_mid_epoch_then_resume_is_bitwise_identical(data, reference, tmp_path):
+    # killed at global step 9 (epoch 2, step 3) with the last checkpoint at step 8: steps 9.. are redone
+    with pytest.raises(SimulatedKill):
+        run(data, tmp_path, **RESUME, **{"debug.kill_after_steps": 9})
+    assert final_state(tmp_path)["global_step"] == 8 and final_state(tmp_path)["step_in_epoch"] == 2
+    assert not (tmp_path / "summary.json").exists()
+    summary = run(data, tmp_path, **RESUME)
+    assert_same_weights(final_state(tmp_path), final_state(reference[0]))
+    assert summary["final_top1"] == reference[1]["final_top1"]
+    assert [json.loads(r)["epoch"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_sigterm_checkpoints_and_resume_is_bitwise_identical(data, reference, tmp_path):
+    # SIGTERM after step 3 (odd, so no periodic checkpoint there): the handler checkpoints at that step
+    assert run(data, tmp_path, **RESUME, **{"debug.signal_after_steps": 3}) == {"status": "preempted"}
+    ck = final_state(tmp_path)
+    assert (ck["global_step"], ck["epoch"], ck["step_in_epoch"]) == (3, 0, 3)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    run(data, tmp_path, **RESUME)
+    assert_same_weights(final_state(tmp_path), final_state(reference[0]))
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(data, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = torch.nn.CrossEntropyLoss
+
+    class NaNAtStep5(real):
+        def forward(self, logits, target):
+            calls["n"] += 1
+            loss = super().forward(logits, target)
+            return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", NaNAtStep5)
+    from engine.trainer import NonFiniteLossError
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss at global step 5 .*last good checkpoint"):
+        run(data, tmp_path, **{"train.checkpoint_every_steps": 2, "train.log_every_steps": 3})
+    ck = final_state(tmp_path)
+    assert ck["global_step"] == 4 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_corrupt_image_is_a_clear_error_or_skipped(tmp_path, capsys):
+    data = write_tiny_imagefolder(tmp_path / "data")
+    (data / "train" / "class0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    from train_imagenet import main
+    args = ["--config", str(BASE_CONFIG)] + tiny_overrides(data, tmp_path / "run", **{"train.epochs": 1})
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: corrupt or unreadable image ") and "broken.png" in err[0]
+    assert main(args + ["data.skip_corrupt=true", f"output_dir={tmp_path}/run2"]) == 0
+    skipped = [json.loads(r)["train_skipped"] for r in (tmp_path / "run2/metrics.jsonl").read_text().splitlines()]
+    assert skipped == [1] or skipped == [0]  # counted when the file falls in a used batch (25 images, 6 batches)
+    total = 0
+    for epoch in range(1):
+        from engine.data import TrainBatchSampler
+        s = TrainBatchSampler(25, 4, seed=0)
+        s.set_epoch(epoch)
+        from torchvision.datasets import ImageFolder
+        paths = [p for p, _ in ImageFolder(str(data / "train")).samples]
+        total += sum(paths[i].endswith("broken.png") for b in s for i, _ in b)
+    assert skipped == [total]
+
+
+def test_finetune_from_plain_resnet(reference, data, tmp_path):
+    """An FcaNet initialised from a plain ResNet checkpoint: backbone copied, attention fresh, fc re-initialised
+    when the class count differs."""
+    plain = torch.load(reference[0] / "checkpoints/best.pth", weights_only=True)["model"]
+    summary = run(data, tmp_path, **{"model.name": "fcanet18", "model.num_classes": 5,
+                                     "model.init_checkpoint": str(reference[0] / "checkpoints/best.pth"),
+                                     "optim.base_lr": 0.0, "train.epochs": 1, "train.warmup_epochs": 0,
+                                     "train.max_steps_per_epoch": 1})
+    assert summary["epochs"] == 1
+    tuned = final_state(tmp_path)["model"]
+    assert torch.equal(tuned["conv1.weight"], plain["conv1.weight"])  # lr 0: still the plain ResNet weights
+    assert torch.equal(tuned["layer4.1.conv2.weight"], plain["layer4.1.conv2.weight"])
+    assert tuned["fc.weight"].shape == (5, 32) and any(".att." in k for k in tuned)
+    # same number of classes: fc is loaded too (engine.trainer.init_from_checkpoint)
+    from engine.trainer import build_model, init_from_checkpoint
+    cfg = load_config(BASE_CONFIG, tiny_overrides(data, tmp_path / "x", **{"model.name": "fcanet18"}))
+    model = build_model(cfg)
+    report = init_from_checkpoint(model, str(reference[0] / "checkpoints/last.pth"), log=lambda m: None)
+    assert torch.equal(model.state_dict()["fc.weight"], final_state(reference[0])["model"]["fc.weight"])
+    assert report.new and all(".att." in k for k in report.new)
+
+
+def test_external_sigterm_exits_zero_with_checkpoint(data, tmp_path):
+    cmd = [sys.executable, str(ROOT / "train_imagenet.py"), "--config", str(BASE_CONFIG)] + tiny_overrides(
+        data, tmp_path, **{"train.epochs": 200, "train.warmup_epochs": 1})
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("start training"):
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "SIGTERM received: checkpointed" in out or "signal received: checkpointed" in out
+    ck = final_state(tmp_path)
+    assert 0 < ck["global_step"] < 200 * 6 and not (tmp_path / "summary.json").exists()

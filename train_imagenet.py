@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Train an ImageNet-style classifier from a YAML config (1 process, or DDP under torchrun).
+
+    python train_imagenet.py --config configs/imagenet/fcanet50.yaml optim.base_lr=0.2 data.root=/data/imagenet
+    torchrun --nproc_per_node=8 train_imagenet.py --config configs/imagenet/fcanet50.yaml
+
+A run directory (``output_dir``) with a checkpoint is resumed automatically. See README, "Training and
+evaluation".
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--resume", metavar="CKPT", default=None,
+                        help="resume from this training checkpoint (default: auto-resume from "
+                             "<output_dir>/checkpoints/last.pth, falling back to last.prev.pth)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (YAML values)")
+    args = parser.parse_args(argv)
+
+    from engine.cli import run_guarded
+
+    def run() -> int:
+        from engine.config import dump_config, load_config
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(dump_config(cfg), end="")
+            return 0
+        from engine.trainer import fit
+        fit(cfg, resume=args.resume)
+        return 0
+
+    return run_guarded(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
