@@ -10,6 +10,7 @@ Everything is stored as tensors / plain Python values so it loads with ``weights
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -39,14 +40,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` via temp file + fsync + rename (the old file survives any crash)."""
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb"):
+    """Open a temp file beside ``path``; on success fsync and rename it over ``path`` (the old file
+    survives any crash), on failure remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -54,6 +57,17 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` atomically (see :func:`atomic_open`)."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path, "w") as f:
+        f.write(text)
 
 
 def save_last(obj: Any, folder: str | Path, name: str = "last.pth") -> Path:

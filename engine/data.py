@@ -214,9 +214,17 @@ def write_digits_imagefolder(root: str | Path, val_fraction: float = 0.2, seed: 
 
     root = Path(root)
     marker = f"val_fraction={val_fraction} seed={seed}\n"
-    if (root / DIGITS_MARKER).is_file() and (root / DIGITS_MARKER).read_text() == marker:
+
+    def complete() -> bool:
+        if not (root / DIGITS_MARKER).is_file():
+            return False
+        if (root / DIGITS_MARKER).read_text() != marker:
+            raise DataError(f"data.root: {root} holds a digits tree written with other settings; delete it first")
+        return True
+
+    if complete():
         return root
-    if root.exists() and any(root.iterdir()) and not (root / DIGITS_MARKER).is_file():
+    if root.exists() and any(root.iterdir()):
         raise DataError(f"data.root: {root} exists and is not a digits tree written by this project; "
                         "choose an empty or new folder")
     digits = load_digits()
@@ -231,8 +239,12 @@ def write_digits_imagefolder(root: str | Path, val_fraction: float = 0.2, seed: 
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(images[i], mode="L").save(folder / f"{i:04d}.png")
     (tmp / DIGITS_MARKER).write_text(marker)
-    if root.exists():
-        shutil.rmtree(root)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(root)
+    try:
+        # Atomic publish; never delete a tree another process may be reading (two trainers racing).
+        os.rename(tmp, root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not complete():
+            raise DataError(f"data.root: could not create {root}") from None
     return root

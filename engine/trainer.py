@@ -533,7 +533,7 @@ class Trainer:
             self.save()
         summary = self.summary()
         if self.info.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            ckpt_lib.atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
             self.log(f"done: best top1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']}), final top1 "
                      f"{summary['final_top1']:.2f} top5 {summary['final_top5']:.2f}; summary in {self.out / 'summary.json'}")
         return summary
