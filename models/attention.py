@@ -133,15 +133,48 @@ class DCTPooling(nn.Module):
             # y[n, c] = <x[n, c], w[c]>: batch over channels, (C, N, HW) @ (C, HW, 1).
             y = torch.bmm(x.reshape(n, c, hw).transpose(0, 1), weight.reshape(c, hw, 1))
             return y.reshape(c, n).t()
-        basis = weight[:: c // k].reshape(k, hw)  # one row per group (a strided view, no copy of x)
-        if x.is_contiguous():
-            y = torch.matmul(x.view(n, k, c // k, hw), basis.view(k, hw, 1))  # (N, k, C/k, 1)
-            return y.reshape(n, c)
-        if x.is_contiguous(memory_format=torch.channels_last):
+        basis = weight[:: c // k].reshape(k, hw)  # one row per group (a strided view)
+        return _GroupDCTProject.apply(x, basis)
+
+
+class _GroupDCTProject(torch.autograd.Function):
+    """y[n, g*C/k + j] = <x[n, g*C/k + j], basis[g]> for fixed (non-trainable) bases.
+
+    Forward is a matrix product that reads x once. Backward writes the input gradient with one broadcast
+    product, ``grad_y[n, c] * basis[group(c)]``, in x's memory layout. Only x (saved by the caller's
+    ``x * weights`` anyway, so no extra memory) and the (k, HW) bases are kept for backward: letting
+    autograd differentiate ``torch.matmul`` would also save the per-sample copy of the bases that the
+    broadcasting matmul makes, which would cost more activation memory than the Fig. 3 formulation.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        k, hw = basis.shape
+        basis = basis.to(x.dtype)
+        ctx.save_for_backward(basis)
+        ctx.shape = (n, c, h, w)
+        ctx.channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        if ctx.channels_last:
             xs = x.permute(0, 2, 3, 1).reshape(n, hw, c)  # a view for channels_last
             z = torch.bmm(basis.unsqueeze(0).expand(n, k, hw), xs)  # (N, k, C): every basis x every channel
             return z.view(n, k, k, c // k).diagonal(dim1=1, dim2=2).transpose(1, 2).reshape(n, c)
+        # (N, k, C/k, HW) @ (k, HW, 1): one GEMV per (sample, group); a view of x when contiguous.
         return torch.matmul(x.reshape(n, k, c // k, hw), basis.view(k, hw, 1)).reshape(n, c)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        (basis,) = ctx.saved_tensors
+        n, c, h, w = ctx.shape
+        k, hw = basis.shape
+        grad_y = grad_y.to(basis.dtype)
+        if ctx.channels_last:  # build the gradient directly in NHWC memory order
+            g = grad_y.new_empty(n, hw, k, c // k)
+            torch.mul(grad_y.view(n, 1, k, c // k), basis.t().reshape(1, hw, k, 1), out=g)
+            return g.view(n, h, w, c).permute(0, 3, 1, 2), None
+        g = grad_y.new_empty(n, k, c // k, hw)
+        torch.mul(grad_y.view(n, k, c // k, 1), basis.view(1, k, 1, hw), out=g)
+        return g.view(n, c, h, w), None
 
 
 class FCA(_SqueezeExcite):

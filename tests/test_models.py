@@ -96,6 +96,13 @@ def test_dct_pooling_matches_fig3_formulation(weights, init, layout):
     x = torch.randn(4, 64, 7, 7)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    grad_out = torch.randn(4, 64)
+    (pool(x) * grad_out).sum().backward()
+    ours, x.grad = x.grad, None
+    (_fig3_reference(pool, x) * grad_out).sum().backward()
+    assert torch.allclose(ours, x.grad, atol=1e-5)  # same input gradient, in the input's layout
+    assert ours.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
     assert torch.allclose(pool(x), _fig3_reference(pool, x), atol=1e-5)
     # non-contiguous input and a size that needs adaptive pooling
     y = torch.randn(4, 64, 20, 13).transpose(2, 3)
