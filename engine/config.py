@@ -87,7 +87,7 @@ class DataConfig:
     val_resize: int = _f(256, min=1, help="shorter side before the center crop")
     crop: str = _f("fcanet", choices=("fcanet", "torchvision"))
     pipeline: str = _f("fast", choices=("fast", "torchvision"))
-    workers: int = _f(8, min=0, help="DataLoader workers per process")
+    workers: Optional[int] = _f(None, min=0, help="DataLoader workers per process (null: from the CPU count)")
     val_batch_size: Optional[int] = _f(None, min=1, help="null: same as train.batch_size")
     skip_corrupt: bool = _f(False, help="skip and count unreadable images instead of failing")
     # Write a built-in data set as an ImageFolder under data.root first (once; rank 0): 'digits' =

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.datasets import ImageFolder
 
+from engine import loader as loader_lib
 from engine.transforms import build_train_transform, build_val_transform
 
 
@@ -198,10 +199,12 @@ def build_datasets(cfg, num_classes: int, need_train: bool = True) -> tuple[Data
     return train, val
 
 
-def make_loader(dataset: Dataset, batch_sampler: Sampler, workers: int, pin_memory: bool) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate,
-                      pin_memory=pin_memory, persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None)
+def make_loader(dataset: Dataset, batch_sampler: Sampler, workers: int | None, device: torch.device) -> DataLoader:
+    """The trainer's DataLoader: :func:`engine.loader.make_loader` with its batch samplers and :func:`collate`
+    (``workers=None``: one per CPU of this process's share of the node, see ``default_workers``)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return loader_lib.make_loader(dataset, batch_sampler=batch_sampler, workers=workers, device=device,
+                                  collate_fn=collate, local_world_size=local_world)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -38,18 +38,22 @@ def default_workers(local_world_size: int = 1) -> int:
     return max(1, available_cpus() // local_world_size - 1)
 
 
-def make_loader(dataset: Dataset, batch_size: int, sampler: Optional[Sampler] = None,
+def make_loader(dataset: Dataset, batch_size: Optional[int] = None, sampler: Optional[Sampler] = None,
                 workers: Optional[int] = None, device: Any = "cpu", *, shuffle: bool = False,
                 drop_last: bool = False, prefetch_factor: int = DEFAULT_PREFETCH_FACTOR,
-                collate_fn: Optional[Callable] = None, local_world_size: int = 1) -> DataLoader:
-    """Build the DataLoader for ``dataset``.
+                collate_fn: Optional[Callable] = None, local_world_size: int = 1,
+                batch_sampler: Optional[Sampler] = None) -> DataLoader:
+    """Build the DataLoader for ``dataset``: either ``batch_size`` (+ ``sampler``/``shuffle``) or a
+    ``batch_sampler`` that yields whole batches (the trainer's resumable and exact-eval samplers).
 
     ``workers=None`` picks :func:`default_workers`. ``pin_memory`` is on only for a CUDA ``device`` (pinned
     host memory makes the non-blocking uint8 copy in :func:`to_model_input` truly asynchronous); with
     workers, they persist across epochs and each keeps ``prefetch_factor`` batches in flight (one intra-op
     thread each, PyTorch's default in workers).
     """
-    if batch_size < 1:
+    if (batch_size is None) == (batch_sampler is None):
+        raise ValueError("pass exactly one of batch_size and batch_sampler")
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if workers is None:
         workers = default_workers(local_world_size)
@@ -63,8 +67,11 @@ def make_loader(dataset: Dataset, batch_size: int, sampler: Optional[Sampler] = 
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor)  # workers run 1 thread each
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle, num_workers=workers,
-                      pin_memory=device.type == "cuda" and torch.cuda.is_available(), drop_last=drop_last,
+    if batch_sampler is not None:
+        kwargs["batch_sampler"] = batch_sampler
+    else:
+        kwargs.update(batch_size=batch_size, sampler=sampler, shuffle=shuffle, drop_last=drop_last)
+    return DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda" and torch.cuda.is_available(),
                       collate_fn=collate_fn, **kwargs)
 
 

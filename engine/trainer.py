@@ -254,10 +254,9 @@ class Trainer:
         self.train_sampler = TrainBatchSampler(len(train_set), cfg.train.batch_size, info.world_size, info.rank,
                                                seed=cfg.seed, max_steps=cfg.train.max_steps_per_epoch)
         val_bs = cfg.data.val_batch_size or cfg.train.batch_size
-        pin = self.device.type == "cuda"
-        self.train_loader = make_loader(train_set, self.train_sampler, cfg.data.workers, pin)
+        self.train_loader = make_loader(train_set, self.train_sampler, cfg.data.workers, self.device)
         self.val_loader = make_loader(val_set, ExactEvalBatchSampler(len(val_set), val_bs, info.world_size, info.rank),
-                                      cfg.data.workers, pin)
+                                      cfg.data.workers, self.device)
         self.steps_per_epoch = self.train_sampler.steps
         self.log(f"data: {cfg.data.source} train {len(train_set)} images, val {len(val_set)} images; "
                  f"{self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs")
@@ -599,7 +598,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, allow_new: bool = False) -
         _, val_set = build_datasets(cfg, cfg.model.num_classes, need_train=False)
         bs = cfg.data.val_batch_size or cfg.train.batch_size
         loader = make_loader(val_set, ExactEvalBatchSampler(len(val_set), bs, info.world_size, info.rank),
-                             cfg.data.workers, info.device.type == "cuda")
+                             cfg.data.workers, info.device)
         t0 = time.time()
         out = evaluate(model, loader, info.device, cfg.train.amp, cfg.train.channels_last,
                        desc="eval" if (info.is_main and cfg.train.progress) else None)

@@ -486,6 +486,12 @@ def cmd_train(args) -> None:
 
 
 # --------------------------------------------------------------------------------------------- trainer
+def _model_kwargs(args) -> dict:
+    """Model options shared by both sides (``--widths``: a small network, so the input pipeline, not the
+    model, bounds the step on CPU, as on a GPU node)."""
+    return {"input_size": args.image_size, **({"widths": list(args.widths)} if args.widths else {})}
+
+
 def _reference_recipe_run(root: Path, args, device: torch.device, epochs: int) -> list[tuple[int, float]]:
     """The torchvision reference recipe's loop: ImageFolder + PIL + standard transforms, DataLoader with the
     same workers, the same model/batch/optimizer/loss; ``loss.item()`` logged every step as torchvision's
@@ -501,7 +507,7 @@ def _reference_recipe_run(root: Path, args, device: torch.device, epochs: int) -
     dl = torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=args.workers,
                                      pin_memory=device.type == "cuda", drop_last=True)
     torch.manual_seed(0)
-    model = create_model(args.model, num_classes=1000).to(device)
+    model = create_model(args.model, num_classes=1000, **_model_kwargs(args)).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1 * args.batch / 256, momentum=0.9, weight_decay=1e-4)
@@ -535,7 +541,8 @@ def _our_trainer_run(root: Path, args, device: torch.device, epochs: int, pipeli
 
     from engine.config import load_config
     from engine.trainer import fit
-    overrides = [f"model.name={args.model}", "model.num_classes=1000", f"train.epochs={epochs}",
+    kwargs = json.dumps(_model_kwargs(args))
+    overrides = [f"model.name={args.model}", "model.num_classes=1000", f"model.kwargs={kwargs}", f"train.epochs={epochs}",
                  "train.warmup_epochs=0", f"train.batch_size={args.batch}",
                  f"train.amp={'bf16' if device.type == 'cuda' else repr('off')}",
                  f"train.channels_last={str(args.channels_last).lower()}", "train.checkpoint_every_steps=0",
@@ -597,7 +604,8 @@ def cmd_trainer(args) -> None:
         rows.append([v, f"{statistics.median(res[v]):.2f}", f"**{ratio:.2f}x**" if v != ref else "1.00x",
                      "; ".join(detail[v])])
     table = md_table(["trainer", "train img/s (median)", "vs reference", "img/s per epoch (first = warm-up)"], rows)
-    body = (f"Model {args.model} (1000 classes), batch {args.batch}, image size {args.image_size}, "
+    widths = f" with stage widths {args.widths}" if args.widths else ""
+    body = (f"Model {args.model}{widths} (1000 classes), batch {args.batch}, image size {args.image_size}, "
             f"{args.images} training JPEGs ({args.sizes}, quality 90, the two scikit-learn sample photos), "
             f"{args.workers} DataLoader workers on both sides, torch threads {torch.get_num_threads()}, "
             f"device {device}, precision {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, channels_last "
@@ -659,6 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto")
     r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="both sides (default: on CUDA only)")
+    r.add_argument("--widths", type=lambda t: [int(v) for v in t.split(",")], default=None,
+                   help="stage widths of the model on both sides, e.g. 16,32,64,128 (default: the standard ResNet)")
     r.add_argument("--ours-torchvision", action="store_true",
                    help="also run our trainer with data.pipeline=torchvision (separates trainer and pipeline)")
     r.add_argument("--rounds", type=int, default=1)
