@@ -4,11 +4,18 @@ A lock is a file created with ``O_CREAT | O_EXCL`` (atomic on local file systems
 ``{"pid", "host", "child_pid", "token", "started"}``. A lock whose host is this machine and whose runner
 and trainer processes are both gone is stale and is broken; a lock held on another host is never broken
 automatically (its liveness cannot be checked from here): delete the file by hand if that job is dead. The one
-exception is a lock left by the same Slurm job id (a requeued job): its earlier incarnation is gone.
+exception is a lock left by an earlier incarnation of this Slurm job (same ``SLURM_JOB_ID``, lower
+``SLURM_RESTART_COUNT``: the job was requeued, so Slurm killed every process of that incarnation). A lock with
+the same job id and the same restart count is *not* stale by that rule: every process of one allocation
+(``salloc``, or several ``run`` processes started from one batch script) shares the job id, and those are alive.
+
+Breaking a stale lock is serialized by an advisory ``flock`` on ``ablation.lock.break`` (see ``RunLock._break``),
+so a breaker never removes a lock it has not verified as stale, and two processes never both hold the lock.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import socket
@@ -18,6 +25,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 LOCK_NAME = "ablation.lock"
+BREAK_NAME = LOCK_NAME + ".break"  # flock'ed while breaking a stale lock; never deleted (see RunLock._break)
+BREAK_WAIT_S = 5.0  # how long a breaker waits for another breaker before treating the lock as held
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -57,12 +66,24 @@ def describe(info: Optional[dict[str, Any]]) -> str:
     return f"pid {info.get('pid')} on {info.get('host')}"
 
 
+def _restart_count(value: Any) -> int:
+    """``SLURM_RESTART_COUNT`` as an int (unset, absent from an old lock file, or garbage: 0)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
 def is_stale(info: Optional[dict[str, Any]], host: Optional[str] = None) -> bool:
     if not info or "pid" not in info:
         return False
     job = os.environ.get("SLURM_JOB_ID")
-    if job and info.get("slurm_job") == job:
-        return True  # left by an earlier incarnation of this (requeued) Slurm job
+    if (job and info.get("slurm_job") == job
+            and _restart_count(info.get("slurm_restart")) < _restart_count(os.environ.get("SLURM_RESTART_COUNT"))):
+        # Left by an earlier incarnation of this Slurm job, which was requeued: Slurm killed all of its processes
+        # (on whatever node they ran). The same job id with the same restart count is just another process of
+        # this allocation, possibly alive: it falls through to the host/pid rule below.
+        return True
     if info.get("host") != (host or socket.gethostname()):
         return False
     return not (_pid_alive(info.get("pid")) or _pid_alive(info.get("child_pid")))
@@ -81,7 +102,8 @@ class RunLock:
     def _content(self, child_pid: Optional[int] = None) -> str:
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "child_pid": child_pid,
                            "token": self.token, "started": self.started,
-                           "slurm_job": os.environ.get("SLURM_JOB_ID")})
+                           "slurm_job": os.environ.get("SLURM_JOB_ID"),
+                           "slurm_restart": _restart_count(os.environ.get("SLURM_RESTART_COUNT"))})
 
     def try_acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,24 +128,61 @@ class RunLock:
         return False
 
     def _break(self, stale: dict[str, Any]) -> bool:
-        """Remove a stale lock; safe against a racing breaker that already replaced it with a live one."""
-        aside = self.path.with_name(f"{LOCK_NAME}.stale-{self.token}")
+        """Remove the lock file if it still is ``stale`` (the content judged stale). True: retry creating it.
+
+        Why not rename-aside-and-check: ``rename(lock, aside)`` moves whatever file is at the lock path, which by
+        then may be a live lock that a racing breaker took after removing the stale one. Putting it back is not
+        atomic with anything: a third process can create a fresh lock in between, and then the one whose file was
+        moved away and the third process both hold the lock. POSIX has no "unlink if still this file", so
+        breakers are serialized instead, and the check and the unlink happen under one mutex:
+
+        * under an exclusive ``flock`` on ``ablation.lock.break`` (released by the kernel if its holder dies, so it
+          can never go stale itself), re-read the lock file and unlink it only if its content equals ``stale``
+          (same token, pid, host: tokens are unique, so it is the very file judged stale);
+        * between that read and the unlink nobody else can change the file at the lock path: other breakers wait
+          on the mutex; its owner, which alone rewrites (``set_child``) or removes (``release``) it, is gone
+          (that is what stale means); and ``O_EXCL`` creators only create when the path is free.
+
+        If the content differs (broken and re-taken meanwhile, or released), nothing is removed and the caller
+        re-reads and re-judges it. The mutex file is never deleted (deleting a flock'ed file lets two processes
+        lock two different inodes). If ``flock`` is unsupported here, or another breaker holds the mutex longer
+        than ``BREAK_WAIT_S``, the lock is treated as held (never removed unsafely): remove it by hand. Across
+        hosts (only the requeue rule breaks another host's lock) this relies on ``flock`` reaching the file
+        server (NFS with locking, Lustre ``-o flock``); with node-local locking only the content check guards it.
+        """
+        mutex = self._break_mutex()
+        if mutex is None:
+            return False
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return True  # someone else broke it; retry creating
-        moved = read_lock(aside)
-        if moved == stale:
-            aside.unlink(missing_ok=True)
+            current = read_lock(self.path)
+            if current is None:
+                return True  # removed meanwhile: retry creating
+            if current != stale:
+                return True  # not the file judged stale (re-taken, or rewritten): retry, which re-judges it
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
             return True
-        # We moved a fresh lock taken by a racing process in between: put it back if the slot is still free.
+        finally:
+            os.close(mutex)  # releases the flock
+
+    def _break_mutex(self) -> Optional[int]:
+        """An fd holding an exclusive flock on the break mutex, or None if it cannot be had (see ``_break``)."""
         try:
-            os.link(aside, self.path)
-        except OSError as exc:
-            if exc.errno != errno.EEXIST:
-                raise
-        aside.unlink(missing_ok=True)
-        return False
+            fd = os.open(self.path.with_name(BREAK_NAME), os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError:
+            return None
+        deadline = time.monotonic() + BREAK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or time.monotonic() >= deadline:
+                    os.close(fd)  # unsupported (ENOLCK, EOPNOTSUPP, ...) or held too long
+                    return None
+            time.sleep(0.01)
 
     def set_child(self, child_pid: int) -> None:
         """Record the trainer's pid, so that the lock stays live while an orphaned trainer still runs."""

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 FORMAT = "fcanet-train-checkpoint-v1"
-REQUIRED = ("format", "model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "config")
+REQUIRED = ("format", "model", "optimizer", "scheduler", "scaler", "epoch", "step_in_epoch", "global_step",
+            "steps_per_epoch", "world_size", "state", "rng", "config")
 
 
 class CheckpointError(RuntimeError):
@@ -113,10 +114,17 @@ def find_resumable(folder: str | Path, log=print) -> tuple[dict, Path] | None:
         if not path.exists():
             continue
         try:
-            return load_checkpoint(path), path
+            found = load_checkpoint(path), path
         except CheckpointError as e:
             errors.append(str(e))
             log(f"warning: {e}; trying the previous checkpoint")
+            continue
+        if errors:
+            # Move the unusable last.pth aside (kept for inspection): otherwise the next save would rotate
+            # it onto the good last.prev.pth we are resuming from.
+            os.replace(folder / "last.pth", folder / "last.corrupt.pth")
+            log(f"warning: moved the unusable checkpoint to {folder / 'last.corrupt.pth'}")
+        return found
     if errors:
         raise CheckpointError(f"no usable checkpoint in {folder}: {'; '.join(errors)}")
     return None

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -36,6 +37,15 @@ def default_workers(local_world_size: int = 1) -> int:
     if local_world_size < 1:
         raise ValueError(f"local_world_size must be >= 1, got {local_world_size}")
     return max(1, available_cpus() // local_world_size - 1)
+
+
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """Slurm sends SIGTERM/SIGUSR1 to every process of the job step, workers included. A worker dying of
+    it would make the main process raise "DataLoader worker killed" before it can checkpoint; the
+    trainer handles the signal, and workers still exit when their parent does (PyTorch's watchdog)."""
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def make_loader(dataset: Dataset, batch_size: Optional[int] = None, sampler: Optional[Sampler] = None,
@@ -66,7 +76,8 @@ def make_loader(dataset: Dataset, batch_size: Optional[int] = None, sampler: Opt
     device = torch.device(device)
     kwargs: dict[str, Any] = {}
     if workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor)  # workers run 1 thread each
+        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor,  # workers run 1 thread each
+                      worker_init_fn=_ignore_preemption_signals)
     if batch_sampler is not None:
         kwargs["batch_sampler"] = batch_sampler
     else:

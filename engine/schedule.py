@@ -52,9 +52,26 @@ class WarmupCosine:
         return lr_factor(step, self.warmup_steps, self.total_steps)
 
 
+def _warmup_cosine(steps_per_epoch: int, epochs: int, warmup_epochs: float) -> WarmupCosine:
+    total = steps_per_epoch * epochs
+    return WarmupCosine(min(total, int(round(warmup_epochs * steps_per_epoch))), total)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int,
                     warmup_epochs: float) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-iteration warmup + cosine as a torch ``LambdaLR`` over the optimizer's (peak) lr."""
-    total = steps_per_epoch * epochs
-    warmup = min(total, int(round(warmup_epochs * steps_per_epoch)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, total))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps_per_epoch, epochs, warmup_epochs))
+
+
+def reshape_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, peak_lr: float, steps_per_epoch: int,
+                     epochs: int, warmup_epochs: float) -> None:
+    """After ``load_state_dict`` on resume: keep the step count but take the schedule's shape (epochs,
+    warmup, peak lr) from the current config, so that e.g. extending ``train.epochs`` really trains on
+    instead of running the extra epochs at lr 0. With an unchanged config the lrs are bit-identical."""
+    scheduler.lr_lambdas = [_warmup_cosine(steps_per_epoch, epochs, warmup_epochs) for _ in scheduler.lr_lambdas]
+    scheduler.base_lrs = [peak_lr for _ in scheduler.base_lrs]
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+        group["initial_lr"] = peak_lr
+    scheduler._last_lr = lrs

@@ -30,7 +30,7 @@ from engine import distributed as dist_lib
 from engine.config import Config, ConfigError, build_config, diff_configs, save_config
 from engine.data import (DataError, ExactEvalBatchSampler, TrainBatchSampler, build_datasets, make_loader,
                          write_digits_imagefolder)
-from engine.schedule import build_scheduler, scaled_lr
+from engine.schedule import build_scheduler, reshape_schedule, scaled_lr
 from engine.transforms import to_model_input
 
 BIG = 2 ** 62  # "no bad step yet" sentinel for the on-device first-non-finite-step tracker
@@ -278,8 +278,10 @@ class Trainer:
         self.peak_lr = scaled_lr(cfg.optim.base_lr, global_batch)
         self.log(f"lr = base_lr {cfg.optim.base_lr:g} x global batch {global_batch} / 256 = {self.peak_lr:g} "
                  f"(warmup {cfg.train.warmup_epochs:g} epochs, then cosine to 0)")
+        # fused on CUDA: one kernel, and with the fp16 GradScaler no per-step host sync on found_inf.
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.peak_lr, momentum=cfg.optim.momentum,
-                                         weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+                                         weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov,
+                                         fused=self.device.type == "cuda" or None)
         self.scheduler = build_scheduler(self.optimizer, self.steps_per_epoch, cfg.train.epochs, cfg.train.warmup_epochs)
         # fp16 needs loss scaling; bf16/off run the same code with the scaler disabled (a no-op).
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16")
@@ -288,6 +290,9 @@ class Trainer:
         self.train_model: nn.Module = self.model
         if info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
+            # The fixed DCT filters are identical on every rank: don't broadcast them at every forward.
+            fixed = [n for n, _ in self.model.named_buffers() if n.endswith("dct_layer.weight")]
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, fixed)
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.eval_model: nn.Module = self.model
         if cfg.train.compile:
@@ -338,7 +343,10 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        reshape_schedule(self.scheduler, self.peak_lr, self.steps_per_epoch, self.cfg.train.epochs,
+                         self.cfg.train.warmup_epochs)
+        if self.scaler.is_enabled() and ckpt["scaler"]:  # a bf16/off checkpoint has no scaler state
+            self.scaler.load_state_dict(ckpt["scaler"])
         s = ckpt["state"]
         self.state = State(**s)
         if "meter" in ckpt:
@@ -501,6 +509,7 @@ class Trainer:
                    "img_per_s": st.epoch_images / max(st.epoch_time_s, 1e-9), "epoch_time_s": st.epoch_time_s,
                    "train_skipped": train_stats["skipped"]}
             if (st.epoch + 1) % cfg.train.eval_every_epochs == 0 or last_epoch:
+                dist_lib.broadcast_buffers(self.model)  # every rank evaluates rank 0's BN statistics
                 val = evaluate(self.eval_model, self.val_loader, self.device, cfg.train.amp, cfg.train.channels_last,
                                desc="eval" if (self.info.is_main and cfg.train.progress) else None)
                 st.last_val = {**val, "epoch": st.epoch + 1}

@@ -12,7 +12,8 @@ from engine import checkpoint as ck
 
 def _ckpt(value: float) -> dict:
     return {"format": ck.FORMAT, "model": {"w": torch.full((3,), value)}, "optimizer": {}, "scheduler": {},
-            "epoch": 0, "step_in_epoch": int(value), "global_step": int(value), "config": {}}
+            "epoch": 0, "step_in_epoch": int(value), "global_step": int(value), "config": {}, "scaler": {},
+            "steps_per_epoch": 10, "world_size": 1, "state": {}, "rng": []}
 
 
 def test_crash_during_save_keeps_the_old_file(tmp_path, monkeypatch):
@@ -52,6 +53,11 @@ def test_truncated_checkpoint_is_detected_and_resume_falls_back(tmp_path):
     found, path = ck.find_resumable(tmp_path, log=logs.append)
     assert path.name == "last.prev.pth" and found["global_step"] == 1
     assert "last.pth is truncated or corrupt" in logs[0]
+    # the unusable file is moved aside, so the next save cannot rotate it onto the good last.prev.pth
+    assert not (tmp_path / "last.pth").exists() and (tmp_path / "last.corrupt.pth").exists()
+    ck.save_last(_ckpt(3), tmp_path)
+    assert ck.load_checkpoint(tmp_path / "last.prev.pth")["global_step"] == 1
+    (tmp_path / "last.pth").unlink()
     (tmp_path / "last.prev.pth").write_bytes(b"garbage")
     with pytest.raises(ck.CheckpointError, match="no usable checkpoint"):
         ck.find_resumable(tmp_path, log=lambda m: None)

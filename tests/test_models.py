@@ -299,3 +299,18 @@ def test_timm_and_hub_entrypoints():
     hub = torch.hub.load(str(Path(__file__).resolve().parents[1]), "fcanet18", source="local", num_classes=3,
                          widths=(16, 32, 64, 128))
     assert isinstance(hub, models.ResNet) and hub.attention.kind == "fca"
+
+
+def test_loads_released_eca_layout_old_bn_and_half_precision_checkpoints():
+    torch.manual_seed(0)
+    src = create_model("ecanet18", num_classes=10, **TINY).eval()
+    # BangguWu/ECANet names the attention module `eca`; pre-0.4.1 checkpoints lack num_batches_tracked
+    eca_layout = {k.replace(".att.", ".eca."): v for k, v in src.state_dict().items()
+                  if not k.endswith("num_batches_tracked")}
+    dst = create_model("ecanet18", num_classes=10, **TINY).eval()
+    report = load_weights(dst, {"state_dict": eca_layout})
+    assert report.unexpected == [] and all(k.endswith("num_batches_tracked") for k in report.new)
+    assert torch.equal(dst.layer1[0].att.conv.weight, src.layer1[0].att.conv.weight)
+    fca = create_model("fcanet18", num_classes=10, **TINY)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in fca.state_dict().items()}
+    assert load_weights(create_model("fcanet18", num_classes=10, **TINY), half).new == []

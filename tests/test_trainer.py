@@ -91,6 +91,21 @@ def test_sigterm_checkpoints_and_resume_is_bitwise_identical(data, reference, tm
     assert_same_weights(final_state(tmp_path), final_state(reference[0]))
 
 
+def test_resume_with_more_epochs_follows_the_new_schedule(data, tmp_path):
+    """Extending train.epochs of a finished run trains on with the new cosine, not at the old schedule's 0."""
+    from engine.schedule import lr_at
+    run(data, tmp_path, **{"train.epochs": 1, "train.warmup_epochs": 0})
+    before = final_state(tmp_path)
+    run(data, tmp_path, **{"train.epochs": 3, "train.warmup_epochs": 0})
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    peak = 0.1 * 4 / 256
+    # lr after the last step of epoch 2 of a 3-epoch (18-step) cosine
+    assert rows[1]["lr"] == pytest.approx(lr_at(12, peak, 0, 18))
+    after = final_state(tmp_path)
+    assert not torch.equal(before["model"]["fc.weight"], after["model"]["fc.weight"])
+
+
 def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(data, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = torch.nn.CrossEntropyLoss
