@@ -31,14 +31,20 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         from engine.config import load_config
         from engine.trainer import evaluate_checkpoint
+        from engine.config import ConfigError
         cfg = load_config(args.config, args.overrides)
+        out = Path(args.output) if args.output else Path(cfg.output_dir) / f"eval_{Path(args.checkpoint).stem}.json"
+        if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):
+            raise ConfigError(f"--output {out}: not a writable file path")  # checked before the evaluation
         result = evaluate_checkpoint(cfg, args.checkpoint, allow_new=args.allow_new_weights)
         if result.pop("is_main"):
             line = json.dumps(result)
-            out = Path(args.output) if args.output else Path(cfg.output_dir) / f"eval_{Path(args.checkpoint).stem}.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(line + "\n")
-            print(line, flush=True)
+            print(line, flush=True)  # first, so the result survives a failing write
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(line + "\n")
+            except OSError as e:
+                raise ConfigError(f"--output {out}: cannot write the result: {e}") from None
         return 0
 
     return run_guarded(run)

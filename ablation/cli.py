@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .studies import FREQ_SOURCES, REPO, STUDIES, AblationError, Plan, available_presets, build_plan, \
-    default_runs_root, is_complete
+    default_runs_root, is_complete, stale_reason
 
 DEFAULT_THROUGHPUT_HELP = ("training images/s per GPU for the GPU-hours estimate (default: the preset's "
                            "'throughput'; imagenet: 1200, about ResNet-50 with AMP on one V100; an A100 does roughly 2x)")
@@ -37,7 +37,7 @@ def _number(convert, minimum, strict: bool, what: str):
             value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not (value > minimum if strict else value >= minimum):  # also rejects nan
+        if not (value > minimum if strict else value >= minimum) or value == float("inf"):  # nan fails too
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
     return parse
@@ -118,11 +118,12 @@ def cmd_plan(args) -> int:
     total_h, done, epochs = 0.0, 0, 0
     for run in plan.runs:
         hours = plan.gpu_hours(run, throughput)
-        complete = is_complete(run.run_dir, run.epochs)
+        stale = stale_reason(run) is not None
+        complete = is_complete(run.run_dir, run.epochs) and not stale
         done += complete
         total_h += hours
         epochs += run.epochs
-        status = "complete" if complete else "todo"
+        status = "stale" if stale else "complete" if complete else "todo"
         lead = "# dependency: " if run.point == "base" else ""  # not a point of the study's table
         print(f"{lead}{run.name}  epochs={run.epochs}  gpu_hours={hours:.3g}  status={status}  config={run.config}  "
               + "  ".join(run.override_args()))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .locking import RunLock, describe
-from .studies import REPO, AblationError, Plan, Run, is_complete
+from .studies import REPO, AblationError, Plan, Run, is_complete, stale_reason
 
 TRAINER_ENV = "FCANET_ABLATION_TRAINER"
 
@@ -52,18 +52,11 @@ def run_command(run: Run, prefix: Sequence[str]) -> list[str]:
 
 
 def _check_meta(run: Run) -> None:
-    """Refuse to continue a run directory that was started with a different frequency list."""
-    path = run.run_dir / "ablation.json"
-    if not path.exists():
-        return
-    try:
-        old = json.loads(path.read_text())
-    except ValueError:
-        return  # ours, rewritten below
-    if old.get("frequencies") not in (None, run.meta.get("frequencies")):
-        raise AblationError(f"run directory {run.run_dir} was started with frequencies {old.get('frequencies')} "
-                            f"but the plan now gives {run.meta.get('frequencies')}; move it away or pass "
-                            f"--freq-source {old.get('freq_source', 'published')}")
+    """Refuse to skip or continue a run directory made for another plan (its result would be mislabelled)."""
+    reason = stale_reason(run)
+    if reason:
+        raise AblationError(f"run directory {run.run_dir} does not match the plan: {reason}; move it away to "
+                            f"re-run that point (or pass the --freq-source / --base-checkpoint it was run with)")
 
 
 # ------------------------------------------------------------------------------------- fork launcher
@@ -128,6 +121,7 @@ def run_one(run: Run, prefix: Sequence[str], quiet: bool = False, launcher: str 
     the interpreter and import start-up of every run; CPU presets). ``env``: extra environment for the run.
     """
     env = {str(k): str(v) for k, v in (env or {}).items()}
+    _check_meta(run)
     if is_complete(run.run_dir, run.epochs):
         return "complete"
     lock = RunLock(run.run_dir)

@@ -134,6 +134,19 @@ def read_summary(run_dir: Path) -> Optional[dict[str, Any]]:
     return data
 
 
+def stale_reason(run: "Run") -> Optional[str]:
+    """Why ``run``'s directory no longer matches the plan (other frequencies, e.g. after the measured grid
+    changed, or another fine-tune start), or None. Read from the ``ablation.json`` the runner wrote."""
+    try:
+        old = json.loads((run.run_dir / "ablation.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("frequencies", "init_checkpoint"):
+        if key in run.meta and key in old and old[key] != run.meta[key]:
+            return f"it was run with {key} {old[key]}, the plan now gives {run.meta[key]}"
+    return None
+
+
 def is_complete(run_dir: Path, epochs: int) -> bool:
     """A run is complete when its summary.json exists and reports at least the planned epochs."""
     summary = read_summary(run_dir)
@@ -240,6 +253,8 @@ def build_plan(study: str, preset_name: str, seeds: int = 1, runs_root: Optional
             depends = (base_run.name,)
             init = str(base_run.run_dir / base.get("checkpoint", "checkpoints/last.pth"))
         else:
+            if not Path(base_checkpoint).is_file():
+                raise AblationError(f"--base-checkpoint {base_checkpoint}: file not found")
             init = str(Path(base_checkpoint).resolve())
         for seed in range(seeds):
             for u, v in GRID_POINTS:

@@ -29,9 +29,9 @@ class ConfigError(ValueError):
 
 
 def _f(default: Any = MISSING, *, choices: tuple | None = None, min: float | None = None,
-       default_factory: Any = MISSING, help: str = "") -> Any:
-    """A dataclass field with validation metadata (allowed choices, lower bound)."""
-    meta = {"choices": choices, "min": min, "help": help}
+       max: float | None = None, default_factory: Any = MISSING, help: str = "") -> Any:
+    """A dataclass field with validation metadata (allowed choices, bounds)."""
+    meta = {"choices": choices, "min": min, "max": max, "help": help}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -113,7 +113,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     output_dir: Optional[str] = _f(None, help="run directory (null: runs/<config file stem>)")
-    seed: int = _f(0, min=0)
+    seed: int = _f(0, min=0, max=2**32 - 1)  # numpy's seed range
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,6 +136,16 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
         if is_dataclass(hints[f.name]):
             keys.extend(all_keys(hints[f.name], key + "."))
     return keys
+
+
+def _sections(cls: type = Config, prefix: str = "") -> set[str]:
+    hints = _hints(cls)
+    out = set()
+    for f in fields(cls):
+        if is_dataclass(hints[f.name]):
+            out.add(prefix + f.name)
+            out |= _sections(hints[f.name], prefix + f.name + ".")
+    return out
 
 
 def _unknown(key: str, candidates: list[str]) -> ConfigError:
@@ -240,6 +250,9 @@ def _build(cls: type, raw: Any, prefix: str = "") -> Any:
                 raise ConfigError(f"config key '{key}': bad value {value!r}; must be finite")
             if value < low:
                 raise ConfigError(f"config key '{key}': bad value {value!r}; must be >= {low:g}")
+        high = f.metadata.get("max")
+        if high is not None and value is not None and value > high:
+            raise ConfigError(f"config key '{key}': bad value {value!r}; must be <= {high}")
         kwargs[f.name] = value
     return cls(**kwargs)
 
@@ -284,13 +297,17 @@ def load_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}: cannot read it: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
     bases = data.pop("_base_", None)
     if bases is None:
         return data
     merged: dict = {}
-    for base in [bases] if isinstance(bases, str) else list(bases):
+    if not isinstance(bases, (str, list)):
+        raise ConfigError(f"config file {path}: _base_ must be a path or a list of paths, got {bases!r}")
+    for base in [bases] if isinstance(bases, str) else bases:
         if not isinstance(base, str):
             raise ConfigError(f"config file {path}: _base_ must be a path or a list of paths")
         merged = _merge(merged, load_yaml_tree(path.parent / base, _seen + (path.resolve(),)))
@@ -312,6 +329,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, parsed
 
 
+SECTIONS: set[str] = set()  # filled below, once the schema helpers exist
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Set dotted keys in the nested mapping ``raw`` (a copy is returned)."""
     raw = copy.deepcopy(raw)
@@ -328,8 +348,18 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        node[parts[-1]] = value
+        if key in SECTIONS:
+            # A whole section (`train={epochs: 6}`) merges into the file's values, like a YAML file would;
+            # replacing it would silently reset its other keys to the schema defaults.
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}': a section needs a mapping, e.g. {key}={{...}}; got {value!r}")
+            node[parts[-1]] = _merge(node.get(parts[-1]) or {}, value)
+        else:
+            node[parts[-1]] = value
     return raw
+
+
+SECTIONS.update(_sections())
 
 
 def build_config(raw: dict) -> Config:
@@ -348,6 +378,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     cfg = build_config(raw)
     if cfg.output_dir is None:
         cfg.output_dir = str(Path("runs") / (Path(path).stem if path is not None else "default"))
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise ConfigError(f"config key 'output_dir': {cfg.output_dir} exists and is not a directory")
     return cfg
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.datasets import ImageFolder
@@ -56,6 +57,12 @@ def _seeded(fn: Callable[[], Any], seed: int | None) -> Any:
         gen.set_state(saved)
 
 
+# What reading or decoding a bad file raises: PIL (OSError incl. UnidentifiedImageError; SyntaxError,
+# ValueError or EOFError from some plugins; DecompressionBombError), torchvision's decoders (RuntimeError),
+# absurd sizes (MemoryError).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, RuntimeError, MemoryError, Image.DecompressionBombError)
+
+
 class RobustImageFolder(ImageFolder):
     """``ImageFolder`` whose items may carry their own augmentation seed, and which turns any failure
     to read or decode a file into a :class:`CorruptImageError` naming the file (or, with
@@ -70,7 +77,7 @@ class RobustImageFolder(ImageFolder):
         path, target = self.samples[index]
         try:
             sample = _seeded(lambda: self.transform(self.loader(path)), seed)
-        except Exception as e:  # noqa: BLE001 - any decoder failure means the file is unusable
+        except DECODE_ERRORS as e:  # the file is unusable (a bug elsewhere, e.g. TypeError, stays loud)
             if self.skip_corrupt:
                 return None
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -145,7 +152,7 @@ class TrainBatchSampler(Sampler):
             yield [(int(i), int(s)) for i, s in zip(idx[step * b:(step + 1) * b], seeds[step * b:(step + 1) * b])]
 
     def __len__(self) -> int:
-        return self.steps - self.start_step
+        return max(0, self.steps - self.start_step)
 
 
 class ExactEvalBatchSampler(Sampler):
@@ -196,6 +203,14 @@ def build_datasets(cfg, num_classes: int, need_train: bool = True) -> tuple[Data
             raise DataError(f"model.num_classes={num_classes} but {ds.root} has {len(ds.classes)} class folders")
     if train is not None and train.class_to_idx != val.class_to_idx:
         raise DataError(f"data.root: {root}/train and {root}/val have different class folders")
+    if train is None and (root / "train").is_dir():
+        # Evaluation only: a class folder missing from val/ (an interrupted preparation) would shift every
+        # later label and silently give a wrong accuracy. train/ defines the label order; check against it.
+        train_classes = sorted(e.name for e in os.scandir(root / "train") if e.is_dir())
+        if train_classes != val.classes:
+            missing = sorted(set(train_classes) - set(val.classes))[:3]
+            raise DataError(f"data.root: {root}/val has {len(val.classes)} class folders, {root}/train "
+                            f"{len(train_classes)}" + (f" (val lacks e.g. {', '.join(missing)})" if missing else ""))
     return train, val
 
 

@@ -211,6 +211,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "off", c
         meter.add(loss, logits.float(), y, skipped)
     model.train(was_training)
     out = meter.reduce()
+    if out["count"] == 0:
+        raise DataError(f"no validation image could be evaluated ({out['skipped']} unreadable and skipped)")
     return {k: out[k] for k in ("top1", "top5", "loss", "count", "correct1", "correct5", "skipped")}
 
 

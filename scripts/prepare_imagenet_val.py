@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         r = prepare(a.val_tar, a.devkit, a.out)
-    except (ValueError, tarfile.TarError, OSError) as e:
+    except (ValueError, KeyError, EOFError, tarfile.TarError, OSError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     print(f"{r['images']} images in {r['classes']} class folders under {a.out} ({r['written']} written, "

@@ -57,6 +57,7 @@ def test_plan_base_dependency_and_gpu_hours(tmp_path, capsys):
     # 100 + 49 * 20 epochs of 1,281,167 images at 1000 img/s
     expected = 1281167 * (100 + 49 * 20) / 1000 / 3600
     assert f"{expected:.4g} GPU-hours" in out
+    (tmp_path / "r50.pth").write_bytes(b"weights")
     plan = build_plan("single_freq", "imagenet", runs_root=tmp_path, base_checkpoint=str(tmp_path / "r50.pth"))
     assert len(plan.runs) == 49 and not plan.runs[0].depends
     assert plan.runs[0].overrides["model.init_checkpoint"] == str(tmp_path / "r50.pth")
@@ -177,3 +178,31 @@ def test_imagenet_collect_without_runs(tmp_path):
     collect(plan, tmp_path)
     md = (tmp_path / "botk" / "table.md").read_text()
     assert md.count("missing") == 12 and "77.60" in md and "**published**" in md
+
+
+def test_stale_run_directory_is_reported_not_reused(tmp_path, capsys):
+    """A finished run made with other frequencies (e.g. before the measured grid changed) is not counted
+    as complete for the current plan, and `run` refuses it with one line instead of mislabelling it."""
+    from ablation.runner import run_one
+    from ablation.studies import stale_reason
+    runs = tmp_path / "runs"
+    plan = build_plan("topk", "mini", runs_root=runs)
+    run = plan.runs[1]  # k=2
+    fake_summary(run.run_dir, 90.0, run.epochs)
+    (run.run_dir / "ablation.json").write_text(json.dumps({"frequencies": [[6, 6], [1, 4]]}))
+    assert "frequencies" in stale_reason(run)
+    lines = plan_lines(capsys, "--study", "topk", "--preset", "mini", "--runs-dir", str(runs))
+    assert "status=stale" in lines[1] and "status=todo" in lines[0]
+    with pytest.raises(AblationError, match="does not match the plan"):
+        run_one(run, [sys.executable, "-c", "raise SystemExit(1)"])
+    (run.run_dir / "ablation.json").write_text(json.dumps({"frequencies": run.meta["frequencies"]}))
+    assert stale_reason(run) is None
+    assert run_one(run, [sys.executable, "-c", "raise SystemExit(1)"]) == "complete"
+
+
+def test_bad_base_checkpoint_and_throughput(tmp_path):
+    with pytest.raises(AblationError, match="file not found"):
+        build_plan("single_freq", "mini", runs_root=tmp_path, base_checkpoint=str(tmp_path / "nope.pth"))
+    proc = subprocess.run([sys.executable, "-m", "ablation", "plan", "--study", "topk", "--preset", "mini",
+                           "--throughput", "inf"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--throughput" in proc.stderr

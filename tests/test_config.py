@@ -121,3 +121,20 @@ def test_demo_config_loads():
     cfg = load_config(ROOT / "configs/demo/fcanet_digits.yaml")
     assert cfg.model.name == "fcanet18" and cfg.data.prepare == "digits" and cfg.model.num_classes == 10
     assert load_yaml_tree(ROOT / "configs/demo/fcanet_digits.yaml")["optim"]["momentum"] == 0.9  # inherited
+
+
+def test_section_overrides_merge_and_bad_sections(tmp_path):
+    demo = ROOT / "configs" / "demo" / "fcanet_digits.yaml"
+    cfg = load_config(demo, ["train={epochs: 6}"])
+    assert cfg.train.epochs == 6 and cfg.train.batch_size == 64 and cfg.train.amp == "off"  # the file's values stay
+    assert "section needs a mapping" in err(["model=null"], demo)
+    assert "must be <= 4294967295" in err(["seed=99999999999999999999"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("_base_: 3\n")
+    with pytest.raises(ConfigError, match="_base_ must be a path or a list of paths"):
+        load_config(bad)
+    bad.write_bytes(b"model: {name: \xff\xfe}\n")
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_config(bad)
+    (tmp_path / "afile").write_text("x")
+    assert "exists and is not a directory" in err([f"output_dir={tmp_path / 'afile'}"])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, write_tiny_imagefolder
+from conftest import BASE_CONFIG, ROOT, tiny_overrides, write_tiny_imagefolder
 from engine.data import (CorruptImageError, ExactEvalBatchSampler, RobustImageFolder, TrainBatchSampler, collate,
                          write_digits_imagefolder)
 from engine.transforms import build_train_transform
@@ -139,3 +139,17 @@ def test_prepare_imagenet_val_script(tmp_path):
     r = prep.prepare(tmp_path / "val.tar", tmp_path / "devkit.tar.gz", out)  # restartable
     assert r["already_present"] == 5 and r["written"] == 0
     assert prep.main(["--val-tar", str(tmp_path / "nope.tar"), "--devkit", "x", "--out", str(out)]) == 2
+
+
+def test_eval_only_detects_missing_val_class_folder(tmp_path):
+    """A val/ without one of train/'s class folders would shift every later label: a clear error."""
+    import shutil
+
+    from engine.config import load_config
+    from engine.data import DataError, build_datasets
+    root = write_tiny_imagefolder(tmp_path / "data")
+    cfg = load_config(BASE_CONFIG, tiny_overrides(root, tmp_path / "out"))
+    assert len(build_datasets(cfg, 3, need_train=False)[1]) == 12
+    shutil.rmtree(root / "val" / sorted(p.name for p in (root / "val").iterdir())[0])
+    with pytest.raises(DataError, match="val lacks"):
+        build_datasets(cfg, 3, need_train=False)
