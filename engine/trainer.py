@@ -10,7 +10,6 @@ step. The non-finite-loss check and, under DDP, the preemption flag ride on thos
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from engine import checkpoint as ckpt_lib
 from engine import distributed as dist_lib
-from engine.config import Config, ConfigError, build_config, diff_configs, save_config
+from engine.config import Config, ConfigError, diff_configs, save_config
 from engine.data import (DataError, ExactEvalBatchSampler, TrainBatchSampler, build_datasets, make_loader,
                          write_digits_imagefolder)
 from engine.schedule import build_scheduler, reshape_schedule, scaled_lr

@@ -25,7 +25,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 

@@ -3,7 +3,6 @@ the crop distribution, on JPEG/PNG files made from scikit-learn's sample photos.
 from __future__ import annotations
 
 import io
-import math
 import os
 
 import numpy as np
