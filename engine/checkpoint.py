@@ -105,8 +105,11 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def find_resumable(folder: str | Path, log=print) -> tuple[dict, Path] | None:
-    """The newest loadable checkpoint in ``folder`` (``last.pth``, else ``last.prev.pth``), or None."""
+def find_resumable(folder: str | Path, log=print, quarantine: bool = True) -> tuple[dict, Path] | None:
+    """The newest loadable checkpoint in ``folder`` (``last.pth``, else ``last.prev.pth``), or None.
+
+    ``quarantine``: move an unusable ``last.pth`` aside (only one process of a DDP job may do it; the others
+    then simply find it gone, with the same result)."""
     folder = Path(folder)
     errors = []
     for name in ("last.pth", "last.prev.pth"):
@@ -119,7 +122,7 @@ def find_resumable(folder: str | Path, log=print) -> tuple[dict, Path] | None:
             errors.append(str(e))
             log(f"warning: {e}; trying the previous checkpoint")
             continue
-        if errors:
+        if errors and quarantine and (folder / "last.pth").exists():
             # Move the unusable last.pth aside (kept for inspection): otherwise the next save would rotate
             # it onto the good last.prev.pth we are resuming from.
             os.replace(folder / "last.pth", folder / "last.corrupt.pth")

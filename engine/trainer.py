@@ -329,7 +329,7 @@ class Trainer:
         if resume is not None:
             ckpt, path = ckpt_lib.load_checkpoint(resume), Path(resume)
         else:
-            found = ckpt_lib.find_resumable(self.ckpt_dir, log=self.log)
+            found = ckpt_lib.find_resumable(self.ckpt_dir, log=self.log, quarantine=self.info.is_main)
             if found is None:
                 return
             ckpt, path = found
