@@ -168,6 +168,7 @@ def run_one(run: Run, prefix: Sequence[str], quiet: bool = False, launcher: str 
                     if not quiet:
                         sys.stdout.write(line)
                 rc = proc.wait()
+                proc.stdout.close()
         elapsed = time.time() - start
         if rc != 0:
             print(f"[ablation] FAILED {run.name}: trainer exit status {rc}; log: {log_path}", flush=True)

@@ -25,13 +25,11 @@ import argparse
 import copy
 import statistics
 import sys
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import (ROOT, BenchError, interleaved_rates, machine_description, make_train_step,  # noqa: E402
                        md_table, pick_device, step_clock, sync, write_report)
 

@@ -22,7 +22,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from models import count_params, create_model  # noqa: E402
 
 FAMILIES = {"ResNet": "resnet", "SENet": "senet", "ECANet": "ecanet", "FcaNet": "fcanet"}

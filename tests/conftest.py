@@ -9,15 +9,16 @@ Stable helpers other tests may use:
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# Tests exercise the checkout they live in: pytest.ini puts it first on sys.path (pythonpath = .), and this
+# does the same for the CLI subprocesses that tests start (`python train_imagenet.py ...`), whether or not the
+# project is pip-installed and wherever an installed copy points.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 BASE_CONFIG = ROOT / "configs" / "base" / "imagenet.yaml"
 

@@ -14,7 +14,7 @@ from models.dct import PUBLISHED_ORDERS, published_frequencies, rank_frequencies
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_GRID = {(int(r["u"]), int(r["v"])): float(r["top1_unrounded"])
-              for r in csv.DictReader(open(REPO / "results/paper/fig4_single_frequency.csv"))}
+              for r in csv.DictReader((REPO / "results/paper/fig4_single_frequency.csv").read_text().splitlines())}
 KS = [1, 2, 4, 8, 16, 32]
 
 
@@ -131,7 +131,7 @@ def test_collect_partial_results(tmp_path):
     fake_summary(runs / "single_freq" / "u3v5-s0", 90.0, 0)  # fewer epochs than planned: incomplete
     assert main(["collect", "--study", "single_freq", "--preset", "mini", "--output", str(out), "--seeds", "2"]) == 0
     d = out / "single_freq"
-    rows = list(csv.DictReader(open(d / "table.csv")))
+    rows = list(csv.DictReader((d / "table.csv").read_text().splitlines()))
     assert len(rows) == 49
     r00 = rows[0]
     assert (r00["u"], r00["v"], r00["n"]) == ("0", "0", "2")
@@ -144,12 +144,12 @@ def test_collect_partial_results(tmp_path):
     md = (d / "table.md").read_text()
     assert "92.00 ± 0.71 (n=2)" in md and "missing" in md and "76.69" in md
     assert (d / "fig4_heatmap.png").read_bytes()[:4] == b"\x89PNG"
-    runs_csv = list(csv.DictReader(open(d / "runs.csv")))
+    runs_csv = list(csv.DictReader((d / "runs.csv").read_text().splitlines()))
     assert len(runs_csv) == 1 + 98 and sum(r["status"] == "complete" for r in runs_csv) == 3
 
     fake_summary(runs / "topk" / "published" / "top4-s0", 93.0, 2, 99.5)
     assert main(["collect", "--study", "topk", "--preset", "mini", "--output", str(out)]) == 0
-    rows = list(csv.DictReader(open(out / "topk" / "table.csv")))
+    rows = list(csv.DictReader((out / "topk" / "table.csv").read_text().splitlines()))
     assert [r["k"] for r in rows] == ["1", "2", "4", "8", "16", "32"]
     assert rows[2]["top1_mean"] == "93.0" and float(rows[2]["diff_top1"]) == pytest.approx(93.0 - 78.38)
     assert rows[0]["top1_mean"] == "" and all(r["freq_source"] == "published" for r in rows)

@@ -33,7 +33,7 @@ def test_mini_topk_end_to_end(tmp_path, capsys):
     assert meta["freq_source"] == "published" and meta["frequencies"] == [[0, 0]]
     assert (run_dir / "checkpoints" / "last.pth").exists()
     assert main(["collect", *common]) == 0
-    rows = list(csv.DictReader(open(out / "topk" / "table.csv")))
+    rows = list(csv.DictReader((out / "topk" / "table.csv").read_text().splitlines()))
     assert [r["n"] for r in rows] == ["1", "0", "0", "0", "0", "0"]
     assert float(rows[0]["top1_mean"]) == pytest.approx(summary["final_top1"], abs=1e-4)
     assert rows[1]["top1_mean"] == ""

@@ -28,7 +28,7 @@ def fake_trainer(argv):
     if running.exists():
         pid = int(running.read_text() or 0)
         try:  # alive and not a zombie (a killed orphan may stay a zombie in a container)
-            alive = open(f"/proc/{pid}/stat").read().split(") ", 1)[1][0] != "Z"
+            alive = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
         except OSError:
             alive = False
         if alive:

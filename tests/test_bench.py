@@ -72,11 +72,7 @@ def test_bad_arguments_one_line_error(script, args, msg, capsys):
     import torch
     if "cuda:7" in args and torch.cuda.is_available():
         pytest.skip("CUDA present")
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        mod = importlib.import_module(script)
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    mod = importlib.import_module(script)  # scripts/ is on the test path (pytest.ini)
     assert mod.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and msg in err and len(err.splitlines()) == 1, err

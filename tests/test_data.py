@@ -1,14 +1,11 @@
-"""Samplers (deterministic order, exact eval sharding), corrupt images, digits tree, ImageNet val script."""
+"""Samplers (deterministic order, exact eval sharding), corrupt images, digits tree."""
 from __future__ import annotations
-
-import io
-import tarfile
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import BASE_CONFIG, ROOT, tiny_overrides, write_tiny_imagefolder
+from conftest import BASE_CONFIG, tiny_overrides, write_tiny_imagefolder
 from engine.data import (CorruptImageError, ExactEvalBatchSampler, RobustImageFolder, TrainBatchSampler, collate,
                          write_digits_imagefolder)
 from engine.transforms import build_train_transform
@@ -100,45 +97,6 @@ def test_digits_tree_is_deterministic_and_written_once(tmp_path):
     img = np.asarray(Image.open(root / name))
     expected = np.round(load_digits().images[int(name.stem)] * 255 / 16).astype(np.uint8)
     assert img.shape == (8, 8) and np.array_equal(img, expected) and int(name.parent.name) == load_digits().target[int(name.stem)]
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def test_prepare_imagenet_val_script(tmp_path):
-    from scipy.io import savemat
-
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("prepare_imagenet_val", ROOT / "scripts/prepare_imagenet_val.py")
-    prep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prep)
-
-    synsets = np.array([(1, "n0001", 0), (2, "n0002", 0), (3, "n0003", 0), (1001, "n9999", 2)],
-                       dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
-    meta = io.BytesIO()
-    savemat(meta, {"synsets": synsets})
-    truth = [3, 1, 2, 3, 3]
-    with tarfile.open(tmp_path / "devkit.tar.gz", "w:gz") as t:
-        _add(t, "ILSVRC2012_devkit_t12/data/meta.mat", meta.getvalue())
-        _add(t, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt",
-             "".join(f"{x}\n" for x in truth).encode())
-    with tarfile.open(tmp_path / "val.tar", "w") as t:
-        for i in range(1, 6):
-            _add(t, f"ILSVRC2012_val_{i:08d}.JPEG", f"jpeg{i}".encode())
-    out = tmp_path / "val"
-    assert prep.main(["--val-tar", str(tmp_path / "val.tar"), "--devkit", str(tmp_path / "devkit.tar.gz"),
-                      "--out", str(out)]) == 0
-    got = sorted(str(p.relative_to(out)) for p in out.rglob("*.JPEG"))
-    assert got == ["n0001/ILSVRC2012_val_00000002.JPEG", "n0002/ILSVRC2012_val_00000003.JPEG",
-                   "n0003/ILSVRC2012_val_00000001.JPEG", "n0003/ILSVRC2012_val_00000004.JPEG",
-                   "n0003/ILSVRC2012_val_00000005.JPEG"]
-    assert (out / "n0003/ILSVRC2012_val_00000004.JPEG").read_bytes() == b"jpeg4"
-    r = prep.prepare(tmp_path / "val.tar", tmp_path / "devkit.tar.gz", out)  # restartable
-    assert r["already_present"] == 5 and r["written"] == 0
-    assert prep.main(["--val-tar", str(tmp_path / "nope.tar"), "--devkit", "x", "--out", str(out)]) == 2
 
 
 def test_eval_only_detects_missing_val_class_folder(tmp_path):

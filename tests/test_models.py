@@ -18,12 +18,12 @@ TINY = dict(widths=(16, 32, 64, 128), input_size=64)
 
 
 def paper_grid():
-    rows = csv.DictReader(open(PAPER / "fig4_single_frequency.csv"))
+    rows = csv.DictReader((PAPER / "fig4_single_frequency.csv").read_text().splitlines())
     return {(int(r["u"]), int(r["v"])): float(r["top1_unrounded"]) for r in rows}
 
 
 def published(method):
-    rows = csv.DictReader(open(PAPER / "published_frequency_orders.csv"))
+    rows = csv.DictReader((PAPER / "published_frequency_orders.csv").read_text().splitlines())
     return [(int(r["u"]), int(r["v"])) for r in rows if r["method"] == method]
 
 
@@ -173,7 +173,7 @@ PAPER_PARAMS = {  # Table 2, millions
 
 
 def test_table2_parameter_counts_exact():
-    rows = list(csv.DictReader(open(PAPER / "table2_imagenet.csv")))
+    rows = list(csv.DictReader((PAPER / "table2_imagenet.csv").read_text().splitlines()))
     from_csv = {(r["method"].lower(), int(r["backbone"].split("-")[1])): float(r["params_M"]) for r in rows}
     for family, depths in PAPER_PARAMS.items():
         for depth, expect in depths.items():
