@@ -103,6 +103,7 @@ def test_measured_source_needs_complete_grid(tmp_path):
     assert expected[:5] == list(PUBLISHED_ORDERS["bot"][:5])  # flipped grid: Top-k = the paper's Bot-k
 
 
+@pytest.mark.slow
 def test_bad_input_one_line_errors(capsys):
     for args, needle in ((["plan", "--study", "nope", "--preset", "mini"], "unknown study 'nope'"),
                          (["plan", "--study", "topk", "--preset", "nope"], "unknown preset 'nope'"),
@@ -200,6 +201,7 @@ def test_stale_run_directory_is_reported_not_reused(tmp_path, capsys):
     assert run_one(run, [sys.executable, "-c", "raise SystemExit(1)"]) == "complete"
 
 
+@pytest.mark.slow
 def test_bad_base_checkpoint_and_throughput(tmp_path):
     with pytest.raises(AblationError, match="file not found"):
         build_plan("single_freq", "mini", runs_root=tmp_path, base_checkpoint=str(tmp_path / "nope.pth"))

@@ -17,6 +17,7 @@ from ablation.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_mini_topk_end_to_end(tmp_path, capsys):
     out = tmp_path / "mini"
     common = ["--study", "topk", "--preset", "mini", "--output", str(out)]

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 FAKE = f"{sys.executable} {Path(__file__).resolve()}"
 
@@ -83,6 +85,7 @@ def summaries(root: Path):
     return sorted(root.rglob("summary.json"))
 
 
+@pytest.mark.slow
 def test_single_freq_dependency_then_measured_topk(tmp_path):
     out = tmp_path / "res"
     p = ablation("run", "--study", "single_freq", "--preset", "mini", "--output", str(out), "--trainer-cmd", FAKE,
@@ -103,6 +106,7 @@ def test_single_freq_dependency_then_measured_topk(tmp_path):
     assert p.returncode == 0 and "complete 50, ran 0" in p.stdout
 
 
+@pytest.mark.slow
 def test_kill_mid_study_and_resume_trains_each_point_once(tmp_path):
     out = tmp_path / "res"
     args = ("run", "--study", "botk", "--preset", "mini", "--output", str(out), "--trainer-cmd", FAKE, "--quiet")
@@ -134,6 +138,7 @@ def test_kill_mid_study_and_resume_trains_each_point_once(tmp_path):
     assert not (root / "CONCURRENT").exists()
 
 
+@pytest.mark.slow
 def test_two_concurrent_runners_never_train_a_point_twice(tmp_path):
     out = tmp_path / "res"
     args = [sys.executable, "-m", "ablation", "run", "--study", "lowk", "--preset", "mini", "--seeds", "2",
@@ -188,6 +193,7 @@ def test_run_corrupt_summary_and_failed_trainer(tmp_path):
     assert not (bad.parent / "ablation.lock").exists()
 
 
+@pytest.mark.slow
 def test_submitit_jobs_run_through_the_same_locks(tmp_path):
     import pytest
     pytest.importorskip("submitit")

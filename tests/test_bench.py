@@ -29,6 +29,7 @@ def _report(path: Path, *needles: str) -> str:
     return text
 
 
+@pytest.mark.slow
 def test_benchmark_data_quick(tmp_path):
     out = tmp_path / "data.md"
     _run("benchmark.py", "data", "--quick", "--out", str(out))
@@ -36,6 +37,7 @@ def test_benchmark_data_quick(tmp_path):
     assert re.search(r"\*\*\d+\.\d\dx\*\*", text)  # a measured ratio
 
 
+@pytest.mark.slow
 def test_benchmark_train_quick(tmp_path):
     out = tmp_path / "train.md"
     _run("benchmark.py", "train", "--quick", "--threads", "1", "--models", "resnet18,senet18,fcanet18",
@@ -43,12 +45,14 @@ def test_benchmark_train_quick(tmp_path):
     _report(out, "resnet18", "senet18", "fcanet18", "vs resnet18")
 
 
+@pytest.mark.slow
 def test_benchmark_trainer_quick(tmp_path):
     out = tmp_path / "trainer.md"
     _run("benchmark.py", "trainer", "--quick", "--threads", "1", "--out", str(out))
     _report(out, "ours (fast pipeline)", "reference recipe")
 
 
+@pytest.mark.slow
 def test_bench_attention_quick(tmp_path):
     out = tmp_path / "attention.md"
     _run("bench_attention.py", "--quick", "--threads", "1", "--out", str(out))

@@ -3,9 +3,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_complexity_table(tmp_path):
     out = tmp_path / "complexity.md"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "complexity.py"), "--output", str(out),

@@ -172,6 +172,7 @@ PAPER_PARAMS = {  # Table 2, millions
 }
 
 
+@pytest.mark.slow
 def test_table2_parameter_counts_exact():
     rows = list(csv.DictReader((PAPER / "table2_imagenet.csv").read_text().splitlines()))
     from_csv = {(r["method"].lower(), int(r["backbone"].split("-")[1])): float(r["params_M"]) for r in rows}

@@ -168,6 +168,7 @@ def test_finetune_from_plain_resnet(reference, data, tmp_path):
     assert report.new and all(".att." in k for k in report.new)
 
 
+@pytest.mark.slow
 def test_external_sigterm_exits_zero_with_checkpoint(data, tmp_path):
     cmd = [sys.executable, str(ROOT / "train_imagenet.py"), "--config", str(BASE_CONFIG)] + tiny_overrides(
         data, tmp_path, **{"train.epochs": 200, "train.warmup_epochs": 1})
