@@ -174,7 +174,7 @@ def prepare_train(train_tar: str | Path, out: str | Path, workers: int = 8, veri
             if done % every == 0 or done == len(jobs):
                 log(f"train: {done}/{len(jobs)} classes, {images:,} images ({status['written']} extracted, "
                     f"{status['present']} already complete), {time.monotonic() - start:.0f} s")
-    shutil.rmtree(_staging(out), ignore_errors=True)  # empty unless a stale folder could not be removed
+    shutil.rmtree(_staging(out), ignore_errors=True)  # leftovers of interrupted runs, now obsolete
     if errors:
         raise PrepareError(f"{len(errors)} of {len(jobs)} classes failed (the others are complete), "
                            f"e.g. {sorted(errors)[0]}")
@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-tar", help="ILSVRC2012_img_train.tar (1,000 per-class tars)")
     p.add_argument("--val-tar", help="ILSVRC2012_img_val.tar")
     p.add_argument("--devkit", help="ILSVRC2012_devkit_t12.tar.gz (labels of the val images)")
-    p.add_argument("--workers", type=int, default=min(16, len(os.sched_getaffinity(0))),
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, default=min(16, cpus),
                    help="train extraction processes (default: CPUs available, at most 16)")
     p.add_argument("--verify", action="store_true",
                    help="re-check complete train class folders against the tarball (re-extract if different)")
