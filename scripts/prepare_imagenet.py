@@ -14,8 +14,8 @@ the full dataset (1,281,167 train / 50,000 val images, 1,000 classes; ``--expect
   (the 138 GB tarball is never copied). A class is written to ``OUT/train.partial/<wnid>/`` and renamed
   to ``OUT/train/<wnid>/`` when complete, so an interrupted run is simply restarted: complete classes are
   skipped and partial ones extracted again (``train/`` never holds a partial class). ``--verify``
-  re-checks the file names of every complete class against the tarball (reads the inner tars' headers)
-  and re-extracts those that differ.
+  re-checks the file names and sizes of every complete class against the tarball (reads the inner tars'
+  headers) and re-extracts those that differ.
 * **val**: the 50,000 images of ``ILSVRC2012_img_val.tar`` are sorted into class folders. The class of
   validation image ``i`` is line ``i`` of ``data/ILSVRC2012_validation_ground_truth.txt`` (an ILSVRC2012_ID
   in 1..1000), mapped to its WordNet id by ``data/meta.mat``, both in the devkit. The tarball is streamed;
@@ -71,8 +71,8 @@ def list_class_tars(train_tar: str | Path) -> list[tuple[str, int, int]]:
 
 
 def _inner_files(f, train_tar: str | Path, wnid: str, offset: int, size: int):
-    """Yield ``(TarInfo, image file name)`` for the images of one class's inner tar, which starts at ``offset``
-    of the open file ``f``. ``tarfile`` takes the file's current position as the archive's start."""
+    """Yield ``(inner TarFile, TarInfo, image file name)`` for the images of one class's inner tar, which starts
+    at ``offset`` of the open file ``f`` (``tarfile`` takes the file's current position as the archive's start)."""
     f.seek(offset)
     try:
         inner = tarfile.open(fileobj=f, mode="r:")
@@ -115,8 +115,8 @@ def _extract_class_or_raise(train_tar: str, out: str | Path, wnid: str, offset: 
         if final.is_dir():
             if not verify:
                 return wnid, sum(1 for p in final.iterdir() if p.is_file()), "present"
-            expected = sorted(name for _, _, name in _inner_files(f, train_tar, wnid, offset, size))
-            if sorted(p.name for p in final.iterdir() if p.is_file()) == expected:
+            expected = {name: m.size for _, m, name in _inner_files(f, train_tar, wnid, offset, size)}
+            if {p.name: p.stat().st_size for p in final.iterdir() if p.is_file()} == expected:
                 return wnid, len(expected), "present"
         partial = staging / wnid
         if partial.exists():  # left by an interrupted run: start the class again

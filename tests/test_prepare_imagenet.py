@@ -128,7 +128,7 @@ def test_train_resumes_skipping_complete_classes_and_redoing_a_partial_one(tmp_p
 
 
 def test_counts_are_checked_and_verify_repairs_a_damaged_class(tmp_path, capsys):
-    make_train_tar(tmp_path / "train.tar")
+    images = make_train_tar(tmp_path / "train.tar")
     out = tmp_path / "imagenet"
     args = ["--out", str(out), "--train-tar", str(tmp_path / "train.tar"), "--workers", "1"]
     # The real dataset's counts are the default: a miniature (or an incomplete download) fails the check.
@@ -137,8 +137,9 @@ def test_counts_are_checked_and_verify_repairs_a_damaged_class(tmp_path, capsys)
     (out / "train" / WNIDS[2] / f"{WNIDS[2]}_1001.JPEG").unlink()  # a file lost after extraction
     assert prep.main(args + _expect()) == 2
     _one_line_error(capsys, "11 images")
-    assert prep.main(args + _expect() + ["--verify"]) == 0  # re-reads the tarball and re-extracts that class
-    assert (out / "train" / WNIDS[2] / f"{WNIDS[2]}_1001.JPEG").is_file()
+    (out / "train" / WNIDS[0] / f"{WNIDS[0]}_1000.JPEG").write_bytes(b"\xff\xd8")  # a truncated file
+    assert prep.main(args + _expect() + ["--verify"]) == 0  # re-reads the tarball and re-extracts both classes
+    assert _files(out / "train") == images
 
 
 def test_val_is_restartable_and_checks_counts(tmp_path, capsys):
