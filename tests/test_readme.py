@@ -35,7 +35,20 @@ def test_named_repository_files_exist():
     named = set(re.findall(r"(?<![\w/.])((?:configs|scripts|results|tests|models|engine|ablation)/[\w./-]*\w)",
                            README))
     named |= {m for m in re.findall(r"\]\(([^)#]+)\)", README) if not m.startswith("http")}
-    named = {n for n in named if "<" not in n and "*" not in n and "{" not in n}
+    named = {n for n in named if "<" not in n and "*" not in n and "{" not in n
+             and f"--out {n}" not in README}  # output files a command would create
     assert len(named) > 10
     missing = sorted(n for n in named if not (ROOT / n).exists())
     assert not missing, f"README names files that do not exist: {missing}"
+
+
+def test_project_installs_every_top_level_package():
+    """`pip install -e .` (requirements.txt) must install every package the README imports from anywhere."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    assert packages == {"models", "engine", "ablation"} == set(project["tool"]["setuptools"]["packages"])
+    lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert "-e ." in lines
+    assert {"torch", "torchvision"} <= {re.split(r"[<>=!~ ]", d)[0] for d in project["project"]["dependencies"]}
