@@ -87,6 +87,7 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     """
     mode = img.mode
     if mode == "RGB":
+        img.load()  # decode now: the caller may close the file
         return img
     if mode in SIXTEEN_BIT_MODES or (mode == "I" and img.format in I16_FORMATS):
         a = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)  # (H, W)

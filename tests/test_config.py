@@ -98,7 +98,8 @@ def test_train_cli_reports_config_errors(capsys, tmp_path):
 
 def test_table2_configs_match_paper():
     """One config per Table 2 number, headed by the launch command, hardware and the paper's top-1."""
-    rows = {(r["method"], r["backbone"]): r for r in csv.DictReader(open(ROOT / "results/paper/table2_imagenet.csv"))}
+    table = (ROOT / "results/paper/table2_imagenet.csv").read_text().splitlines()
+    rows = {(r["method"], r["backbone"]): r for r in csv.DictReader(table)}
     expected = {f"{m.lower()}{d}" for m in ("ResNet", "SENet", "ECANet", "FcaNet") for d in (34, 50, 101, 152)}
     assert {p.stem for p in IMAGENET} == expected
     for path in IMAGENET:

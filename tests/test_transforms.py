@@ -16,7 +16,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 from engine import transforms as tr
-from engine.loader import DevicePrefetcher, default_workers, make_loader
+from engine.loader import build_dataloader, default_workers
 
 
 @pytest.fixture(scope="module")
@@ -223,9 +223,9 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
     with pytest.raises(OSError):  # PIL.UnidentifiedImageError is an OSError: caught as a corrupt file
         tr.encoded_loader(junk)
     with pytest.raises(ValueError, match="workers"):
-        make_loader([], 4, workers=-1)
+        build_dataloader([], 4, workers=-1)
     with pytest.raises(ValueError, match="batch_size"):
-        make_loader([], 0)
+        build_dataloader([], 0)
 
 
 # ---------------------------------------------------------------------------------------------- loader
@@ -237,14 +237,14 @@ def test_imagefolder_dataloader_fast_pipeline(tmp_path, photos):
             _write(d / f"{k}.jpg", _jpeg(photos[c], (160 + 40 * k, 120 + 30 * k)))
     loader, transform = tr.build_train_transform(64, "fcanet", "fast")
     ds = ImageFolder(str(tmp_path), transform=transform, loader=loader)
-    dl = make_loader(ds, batch_size=4, workers=1, device="cpu", shuffle=True, drop_last=True)
+    dl = build_dataloader(ds, batch_size=4, workers=1, device="cpu", shuffle=True, drop_last=True)
     assert dl.num_workers == 1 and dl.persistent_workers and dl.prefetch_factor == 4 and not dl.pin_memory
-    batches = list(DevicePrefetcher(dl, "cpu", channels_last=True))
+    batches = list(dl)
     assert len(batches) == 1
-    x, y = batches[0]
+    x, y = tr.to_model_input(batches[0][0], "cpu", channels_last=True), batches[0][1]
     assert x.shape == (4, 3, 64, 64) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.int64
-    raw = next(iter(make_loader(ds, batch_size=6, workers=0)))[0]
+    raw = next(iter(build_dataloader(ds, batch_size=6, workers=0)))[0]
     assert raw.dtype == torch.uint8 and raw.shape == (6, 3, 64, 64)
 
 
@@ -254,12 +254,3 @@ def test_default_workers_from_affinity():
     assert default_workers(local_world_size=cpus * 4) == 1
     with pytest.raises(ValueError):
         default_workers(0)
-
-
-def test_device_prefetcher_passes_skipped_batches_through():
-    """engine.data.collate yields (None, None, n) when every file of a batch was corrupt and skipped."""
-    u8 = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
-    batches = [(u8, torch.tensor([0, 1]), 0), (None, None, 2)]
-    out = list(DevicePrefetcher(batches, "cpu"))
-    assert out[0][0].dtype == torch.float32 and out[0][2] == 0
-    assert out[1] == (None, None, 2)
