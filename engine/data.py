@@ -280,7 +280,8 @@ def build_datasets(cfg, num_classes: int, need_train: bool = True) -> tuple[Data
     """Return ``(train set or None, val set)`` for ``cfg.data``."""
     d = cfg.data
     if d.source == "synthetic":
-        train = SyntheticDataset(d.synthetic_train_size, d.image_size, num_classes, seed=cfg.seed) if need_train else None
+        train = (SyntheticDataset(d.synthetic_train_size, d.image_size, num_classes, seed=cfg.seed)
+                 if need_train else None)
         return train, SyntheticDataset(d.synthetic_val_size, d.image_size, num_classes, seed=cfg.seed + 1)
     root = Path(d.root)
     if not root.is_dir():

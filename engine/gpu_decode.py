@@ -316,8 +316,8 @@ class EncodedBatch:
                     _note_fallback("nvjpeg_error", path)
                     out[pos].copy_(self._cpu_decode(data, box, flip, path).to(device, non_blocking=True))
                     continue
-                t, b, l, r = pixel_box(box, img.shape[-2], img.shape[-1])
-                crop = img[:, t:b, l:r].unsqueeze(0).float()  # (1, 3, h, w)
+                y0, y1, x0, x1 = pixel_box(box, img.shape[-2], img.shape[-1])
+                crop = img[:, y0:y1, x0:x1].unsqueeze(0).float()  # (1, 3, h, w)
                 if crop.shape[-2:] != (out_h, out_w):
                     # antialiased bilinear like the fast pipeline's uint8 resize, rounded to its 8-bit grid
                     crop = F.interpolate(crop, size=(out_h, out_w), mode="bilinear", align_corners=False,

@@ -259,8 +259,8 @@ def decode_resized_crop(enc: EncodedImage, box: tuple[float, float, float, float
         top, left, h, w = top / s_y, left / s_x, h / s_y, w / s_x
     else:
         x = _decode_full(enc)
-    t, b, l, r = pixel_box((top, left, h, w), *x.shape[-2:])
-    crop = x[:, t:b, l:r]
+    y0, y1, x0, x1 = pixel_box((top, left, h, w), *x.shape[-2:])
+    crop = x[:, y0:y1, x0:x1]
     if crop.shape[-2:] != (out_h, out_w):
         crop = F.interpolate(crop.unsqueeze(0), size=(out_h, out_w), mode="bilinear", align_corners=False,
                              antialias=True).squeeze(0)
@@ -270,13 +270,14 @@ def decode_resized_crop(enc: EncodedImage, box: tuple[float, float, float, float
 
 
 def pixel_box(box: tuple[float, float, float, float], height: int, width: int) -> tuple[int, int, int, int]:
-    """The integer rows ``t:b`` and columns ``l:r`` (returned as ``(t, b, l, r)``) of ``box = (top, left, h, w)``
-    in an image of ``height`` x ``width``, clamped to at least one pixel. The sampled boxes are integral at
-    full resolution; a draft-scaled one moves < 1/2 px. Shared by the CPU and GPU pipelines."""
+    """The integer rows ``y0:y1`` and columns ``x0:x1`` (returned as ``(y0, y1, x0, x1)``) of
+    ``box = (top, left, h, w)`` in an image of ``height`` x ``width``, clamped to at least one pixel. The
+    sampled boxes are integral at full resolution; a draft-scaled one moves < 1/2 px. Shared by the CPU and
+    GPU pipelines."""
     top, left, h, w = box
-    t, l = min(max(int(round(top)), 0), height - 1), min(max(int(round(left)), 0), width - 1)
-    b, r = min(max(int(round(top + h)), t + 1), height), min(max(int(round(left + w)), l + 1), width)
-    return t, b, l, r
+    y0, x0 = min(max(int(round(top)), 0), height - 1), min(max(int(round(left)), 0), width - 1)
+    y1, x1 = min(max(int(round(top + h)), y0 + 1), height), min(max(int(round(left + w)), x0 + 1), width)
+    return y0, y1, x0, x1
 
 
 class FastTrainTransform:

@@ -104,7 +104,8 @@ def test_digits_tree_is_deterministic_and_written_once(tmp_path):
     name = val[0]
     img = np.asarray(Image.open(root / name))
     expected = np.round(load_digits().images[int(name.stem)] * 255 / 16).astype(np.uint8)
-    assert img.shape == (8, 8) and np.array_equal(img, expected) and int(name.parent.name) == load_digits().target[int(name.stem)]
+    assert img.shape == (8, 8) and np.array_equal(img, expected)
+    assert int(name.parent.name) == load_digits().target[int(name.stem)]
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
