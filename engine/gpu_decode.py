@@ -21,8 +21,9 @@ Where each step runs:
   the 8-bit grid (the ``fast`` pipeline resizes uint8), the flip, and the normalization of the whole
   (N, 3, S, S) batch. A file nvjpeg still rejects is decoded on the CPU here (counted as ``nvjpeg_error``).
 
-Fallbacks are tallied per process in :func:`fallback_counts` by reason, and the first file of each reason
-is named once on stderr (rank 0).
+Fallbacks are counted per batch (:attr:`EncodedBatch.cpu_decoded`, for the training loop's metrics) and
+per process by reason (:func:`fallback_counts`); the first file of each reason is named once on stderr
+(rank 0).
 """
 from __future__ import annotations
 
@@ -271,6 +272,7 @@ class EncodedBatch:
         self.jpeg_data = torch.cat(jpegs) if jpegs else torch.empty(0, dtype=torch.uint8)
         self.boxes, self.flips, self.paths, self.gpu_pos = boxes, flips, paths, gpu_pos
         self.cpu_images, self.cpu_pos, self.cpu_reasons, self.cpu_paths = cpu_images, cpu_pos, cpu_reasons, cpu_paths
+        self.cpu_decoded = len(cpu_pos)  # files of this batch decoded on the CPU (+ nvjpeg rejects, once decoded)
 
     def __len__(self) -> int:
         return len(self.gpu_pos) + len(self.cpu_pos)
@@ -300,6 +302,7 @@ class EncodedBatch:
                 raise RuntimeError(f"data.pipeline=gpu decodes on a CUDA device, got {device}")
             decode = nvjpeg_decode
         n, (out_h, out_w) = len(self), self.size
+        self.cpu_decoded = len(self.cpu_pos)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         out = torch.empty((n, 3, out_h, out_w), dtype=torch.float32, device=device, memory_format=fmt)
         for reason, path in zip(self.cpu_reasons, self.cpu_paths):
@@ -314,6 +317,7 @@ class EncodedBatch:
                                                        jpegs):
                 if img is None:  # nvjpeg rejected this file after all: the CPU decodes it
                     _note_fallback("nvjpeg_error", path)
+                    self.cpu_decoded += 1
                     out[pos].copy_(self._cpu_decode(data, box, flip, path).to(device, non_blocking=True))
                     continue
                 y0, y1, x0, x1 = pixel_box(box, img.shape[-2], img.shape[-1])
@@ -364,7 +368,9 @@ def check_available() -> None:
     from torchvision.io import encode_jpeg
     try:
         probe = encode_jpeg(torch.full((3, 16, 16), 128, dtype=torch.uint8))
-        decode_jpeg([probe], mode=ImageReadMode.RGB, device="cuda")
+        # the current device: the trainer has set it to this process's GPU (a context on GPU 0 per rank
+        # would cost every rank memory there)
+        decode_jpeg([probe], mode=ImageReadMode.RGB, device=torch.device("cuda", torch.cuda.current_device()))
     except RuntimeError as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"config key 'data.pipeline': 'gpu' cannot decode with nvjpeg here ({reason}); "

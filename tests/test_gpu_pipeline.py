@@ -168,6 +168,7 @@ def test_fallbacks_are_counted_and_named_once(tmp_path, capsys):
     assert len(batch.gpu_pos) == 1 and len(batch.cpu_pos) == 5
     batch.to_model_input("cpu", decode=cpu_decode)
     assert gd.fallback_counts() == {"progressive": 1, "grayscale": 1, "cmyk": 1, "not_jpeg": 2}
+    assert batch.cpu_decoded == 5
     err = capsys.readouterr().err
     assert err.count("png.png") + err.count("png2.png") <= 1  # named once per reason, then only counted
     batch.to_model_input("cpu", decode=cpu_decode)
@@ -181,8 +182,9 @@ def test_a_file_nvjpeg_rejects_is_decoded_on_the_cpu_and_counted(tmp_path):
     batch, _, _ = collate([ds[0], ds[1]])
     gd.fallback_counts(reset=True)
     expect = batch.to_model_input("cpu", decode=cpu_decode)
+    assert batch.cpu_decoded == 0
     got = batch.to_model_input("cpu", decode=lambda data, dev: [None, *cpu_decode(data[1:], dev)])
-    assert gd.fallback_counts(reset=True) == {"nvjpeg_error": 1}
+    assert gd.fallback_counts(reset=True) == {"nvjpeg_error": 1} and batch.cpu_decoded == 1
     assert (_unnormalize(got) - _unnormalize(expect)).abs().max() <= 2.0
 
 
