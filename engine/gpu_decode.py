@@ -325,7 +325,7 @@ class EncodedBatch:
                 if crop.shape[-2:] != (out_h, out_w):
                     # antialiased bilinear like the fast pipeline's uint8 resize, rounded to its 8-bit grid
                     crop = F.interpolate(crop, size=(out_h, out_w), mode="bilinear", align_corners=False,
-                                         antialias=True).round_().clamp_(0, 255)
+                                         antialias=True).round_()  # convex weights: stays in [0, 255]
                 out[pos].copy_(crop[0].flip(-1) if flip else crop[0])
         mean, inv_std = _norm_constants(device)
         return out.sub_(mean).mul_(inv_std)  # elementwise ops keep channels_last
