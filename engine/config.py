@@ -79,14 +79,22 @@ class TrainConfig:
     tensorboard: bool = _f(True)
 
 
+MAX_IMAGE_SIZE = 1024   # data.image_size: 4.6x the paper's 224 px in each dimension (21x the pixels)
+MAX_VAL_RESIZE = 2048
+
+
 @dataclass
 class DataConfig:
     source: str = _f("imagefolder", choices=("imagefolder", "synthetic"))
     root: str = _f("data/imagenet", help="ImageFolder root holding train/ and val/")
+    # At most MAX_IMAGE_SIZE (checked with the batch size in _check_semantics): one float32 batch of 128
+    # crops of 4096 px is 26 GB before the model's activations; such a run was OOM-killed without a word.
     image_size: int = _f(224, min=1)
-    val_resize: int = _f(256, min=1, help="shorter side before the center crop")
+    val_resize: int = _f(256, min=1, max=MAX_VAL_RESIZE, help="shorter side before the center crop")
     crop: str = _f("fcanet", choices=("fcanet", "torchvision"))
-    pipeline: str = _f("fast", choices=("fast", "torchvision"))
+    # fast: uint8 CPU decode (DCT-domain downscale), normalize on the device; torchvision: the PIL reference;
+    # gpu: nvjpeg decode + crop/resize on the GPU (CUDA only; files nvjpeg cannot decode fall back to the CPU).
+    pipeline: str = _f("fast", choices=("fast", "torchvision", "gpu"))
     workers: Optional[int] = _f(None, min=0, help="DataLoader workers per process (null: from the CPU count)")
     val_batch_size: Optional[int] = _f(None, min=1, help="null: same as train.batch_size")
     skip_corrupt: bool = _f(False, help="skip and count unreadable images instead of failing")
@@ -268,6 +276,11 @@ def _check_semantics(cfg: Config) -> None:
     if cfg.train.warmup_epochs > cfg.train.epochs:
         raise ConfigError(f"config key 'train.warmup_epochs': {cfg.train.warmup_epochs:g} exceeds "
                           f"train.epochs={cfg.train.epochs}")
+    if cfg.data.image_size > MAX_IMAGE_SIZE:
+        size, batch = cfg.data.image_size, cfg.train.batch_size
+        raise ConfigError(f"config key 'data.image_size': bad value {size}; must be <= {MAX_IMAGE_SIZE} (one "
+                          f"float32 batch of {batch} such crops alone takes {batch * 3 * size * size * 4 / 2**30:.1f} "
+                          "GiB, before the model's activations)")
     if cfg.data.image_size > cfg.data.val_resize:
         raise ConfigError(f"config key 'data.val_resize': {cfg.data.val_resize} is smaller than "
                           f"data.image_size={cfg.data.image_size} (the val center crop needs resize >= size)")
@@ -296,7 +309,7 @@ def load_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path}: invalid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config file {path}{_yaml_where(e)}: invalid YAML: {_yaml_problem(e)}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path}: cannot read it: {e}") from None
     if not isinstance(data, dict):
@@ -312,6 +325,22 @@ def load_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
             raise ConfigError(f"config file {path}: _base_ must be a path or a list of paths")
         merged = _merge(merged, load_yaml_tree(path.parent / base, _seen + (path.resolve(),)))
     return _merge(merged, data)
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    """``:LINE:COLUMN`` (1-based) of a PyYAML error, where it has a position."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's description without its position lines, e.g. "mapping values are not allowed here" or
+    "while parsing a flow sequence, expected ',' or ']', but got '<stream end>'" (its context and problem)."""
+    problem = getattr(e, "problem", None)
+    if problem is None:
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    context = getattr(e, "context", None)
+    return f"{context}, {problem}" if context else problem
 
 
 def parse_override(text: str) -> tuple[str, Any]:

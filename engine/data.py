@@ -8,6 +8,10 @@ RNG matters). A resumed run skips the batches already done and sees exactly the 
 
 Evaluation is exact for any world size: rank ``r`` of ``w`` takes indices ``r, r + w, r + 2w, ...``
 with no padding, so every image is counted exactly once when the per-rank sums are all-reduced.
+
+The ImageFolder scan (:func:`scan_image_folder`) follows directory symlinks but never twice into one
+folder, and never lists one file twice: a symlink cycle (``train/a/loop -> ..``), two links to one folder
+and two links (symbolic or hard) to one file are refused with a one-line :class:`DataError`.
 """
 from __future__ import annotations
 
@@ -21,9 +25,11 @@ from PIL import Image
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import has_file_allowed_extension
 
+from engine import gpu_decode
 from engine import loader as loader_lib
-from engine.transforms import build_train_transform, build_val_transform
+from engine.transforms import UnsupportedImageError, build_train_transform, build_val_transform
 
 
 class CorruptImageError(RuntimeError):
@@ -34,6 +40,69 @@ class DataError(ValueError):
     """A missing or malformed data set (one-line message)."""
 
 
+def scan_image_folder(directory: str, class_to_idx: dict[str, int],
+                      is_valid_file: Callable[[str], bool]) -> list[tuple[str, int]]:
+    """``(path, class index)`` of every image under ``directory/<class>/``, in torchvision's ``make_dataset``
+    order (classes sorted; within a class, folders by path, then file names sorted), following directory
+    symlinks as it does, but refusing what would silently repeat or mislabel images:
+
+    * a folder reached twice: a symlink cycle (e.g. ``train/a/loop -> ..``, which torchvision's ``os.walk``
+      follows ~40 levels deep, listing other classes' images under ``a``) or two links to one folder;
+    * a file reached twice (two symbolic or hard links to one file).
+
+    Folders and files are identified by ``(st_dev, st_ino)``; a regular file's inode comes free with the
+    directory listing, so only symlinks cost an extra ``stat``. Raises :class:`DataError` (one line).
+    """
+    root_st = os.stat(directory)
+    root_key = (root_st.st_dev, root_st.st_ino)
+    seen_dirs: dict[tuple[int, int], str] = {root_key: directory}
+    seen_files: dict[tuple[int, int], str] = {}
+    instances: list[tuple[str, int]] = []
+    for target_class in sorted(class_to_idx):
+        class_dir = os.path.join(directory, target_class)
+        if not os.path.isdir(class_dir):
+            continue
+        folders: list[tuple[str, int, list[os.DirEntry]]] = []  # (path, st_dev, non-folder entries)
+        stack: list[tuple[str, frozenset]] = [(class_dir, frozenset({root_key}))]  # (folder, its ancestors)
+        while stack:
+            path, ancestors = stack.pop()
+            st = os.stat(path)
+            key = (st.st_dev, st.st_ino)
+            if key in seen_dirs:
+                first = seen_dirs[key]
+                if key in ancestors:
+                    raise DataError(f"data.root: symlink cycle: {path} leads back to its ancestor {first}; "
+                                    "remove the link")
+                raise DataError(f"data.root: {path} and {first} are the same folder (a directory symlink); "
+                                "every image must be listed once")
+            seen_dirs[key] = path
+            entries = []
+            with os.scandir(path) as it:
+                for e in it:
+                    if e.is_dir():  # follows symlinks, as os.walk(followlinks=True) does
+                        stack.append((e.path, ancestors | {key}))
+                    else:
+                        entries.append(e)
+            folders.append((path, st.st_dev, entries))
+        for path, dev, entries in sorted(folders, key=lambda f: f[0]):
+            for e in sorted(entries, key=lambda e: e.name):
+                file = os.path.join(path, e.name)
+                if not is_valid_file(file):
+                    continue
+                fkey: tuple[int, int] | None = (dev, e.inode())
+                if e.is_symlink():
+                    try:
+                        st = os.stat(file)
+                        fkey = (st.st_dev, st.st_ino)
+                    except OSError:  # a dangling link: fails (or is skipped) as unreadable when loaded
+                        fkey = None
+                if fkey is not None:
+                    if fkey in seen_files:
+                        raise DataError(f"data.root: {file} and {seen_files[fkey]} are the same file (a symbolic "
+                                        "or hard link); every image must be listed once")
+                    seen_files[fkey] = file
+                instances.append((file, class_to_idx[target_class]))
+    return instances
 
 
 def _split_item(item: Any) -> tuple[int, int | None]:
@@ -72,6 +141,22 @@ class RobustImageFolder(ImageFolder):
         super().__init__(root, transform=transform, loader=loader)
         self.skip_corrupt = skip_corrupt
 
+    @staticmethod
+    def make_dataset(directory: str, class_to_idx: dict[str, int], extensions: tuple[str, ...] | None = None,
+                     is_valid_file: Callable[[str], bool] | None = None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        """torchvision's scan with cycle and duplicate detection (:func:`scan_image_folder`)."""
+        if is_valid_file is None:
+            def is_valid_file(path: str) -> bool:
+                return has_file_allowed_extension(path, extensions)
+        instances = scan_image_folder(directory, class_to_idx, is_valid_file)
+        found = {t for _, t in instances}
+        empty = [c for c, i in class_to_idx.items() if i not in found]
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(sorted(empty))}. "
+                                    f"Supported extensions are: {', '.join(extensions or ())}")
+        return instances
+
     def __getitem__(self, item: Any) -> Any:
         index, seed = _split_item(item)
         path, target = self.samples[index]
@@ -80,6 +165,8 @@ class RobustImageFolder(ImageFolder):
         except DECODE_ERRORS as e:  # the file is unusable (a bug elsewhere, e.g. TypeError, stays loud)
             if self.skip_corrupt:
                 return None
+            if isinstance(e, UnsupportedImageError):
+                raise CorruptImageError(f"unsupported image {path}: {e}") from None
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CorruptImageError(f"corrupt or unreadable image {path}: {reason}") from None
         return sample, target
@@ -106,12 +193,18 @@ class SyntheticDataset(Dataset):
         return self.pool[index % len(self.pool)], index % self.num_classes
 
 
-def collate(batch: list) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
-    """Stack the readable samples; return ``(images, targets, number of skipped corrupt files)``."""
+def collate(batch: list) -> tuple[Any, torch.Tensor | None, int]:
+    """Stack the readable samples; return ``(images, targets, number of skipped corrupt files)``.
+
+    ``images`` is a tensor, or for the ``gpu`` pipeline an :class:`engine.gpu_decode.EncodedBatch` that
+    :func:`engine.transforms.to_model_input` decodes on the device."""
     good = [b for b in batch if b is not None]
     skipped = len(batch) - len(good)
     if not good:
         return None, None, skipped
+    if gpu_decode.is_pending(good[0][0]):
+        images = gpu_decode.collate_samples([s for s, _ in good])
+        return images, torch.tensor([t for _, t in good], dtype=torch.int64), skipped
     images, targets = default_collate(good)
     return images, targets, skipped
 
@@ -187,11 +280,14 @@ def build_datasets(cfg, num_classes: int, need_train: bool = True) -> tuple[Data
     """Return ``(train set or None, val set)`` for ``cfg.data``."""
     d = cfg.data
     if d.source == "synthetic":
-        train = SyntheticDataset(d.synthetic_train_size, d.image_size, num_classes, seed=cfg.seed) if need_train else None
+        train = (SyntheticDataset(d.synthetic_train_size, d.image_size, num_classes, seed=cfg.seed)
+                 if need_train else None)
         return train, SyntheticDataset(d.synthetic_val_size, d.image_size, num_classes, seed=cfg.seed + 1)
     root = Path(d.root)
     if not root.is_dir():
         raise DataError(f"data.root: {root} does not exist or is not a directory")
+    if d.pipeline == "gpu":
+        gpu_decode.check_available()  # one-line ConfigError on a machine without CUDA / nvjpeg
     train = None
     if need_train:
         loader, tf = build_train_transform(d.image_size, crop=d.crop, pipeline=d.pipeline)
@@ -215,10 +311,10 @@ def build_datasets(cfg, num_classes: int, need_train: bool = True) -> tuple[Data
 
 
 def make_loader(dataset: Dataset, batch_sampler: Sampler, workers: int | None, device: torch.device) -> DataLoader:
-    """The trainer's DataLoader: :func:`engine.loader.make_loader` with its batch samplers and :func:`collate`
+    """The trainer's DataLoader: :func:`engine.loader.build_dataloader` with its batch samplers and :func:`collate`
     (``workers=None``: one per CPU of this process's share of the node, see ``default_workers``)."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return loader_lib.make_loader(dataset, batch_sampler=batch_sampler, workers=workers, device=device,
+    return loader_lib.build_dataloader(dataset, batch_sampler=batch_sampler, workers=workers, device=device,
                                   collate_fn=collate, local_world_size=local_world)
 
 

@@ -1,24 +1,20 @@
-"""DataLoader construction and host-to-device prefetch for the training and evaluation loops.
+"""DataLoader construction for the training and evaluation loops.
 
 * :func:`default_workers`: worker processes per training process, from the CPUs this process may run on
   (``os.sched_getaffinity``) shared among the processes of one node.
-* :func:`make_loader`: a ``DataLoader`` with the settings that keep the input pipeline off the critical
+* :func:`build_dataloader`: a ``DataLoader`` with the settings that keep the input pipeline off the critical
   path: ``pin_memory`` only when the target device is CUDA, persistent workers, a deeper prefetch queue,
-  one intra-op thread per worker (PyTorch's default in workers).
-* :class:`DevicePrefetcher`: wraps a loader so that batch ``i + 1`` is copied to the GPU (and, for uint8
-  batches, converted and normalized by :func:`engine.transforms.to_model_input`) on a side CUDA stream
-  while batch ``i`` trains. On CPU it simply converts each batch. It never synchronizes the host.
+  one intra-op thread per worker (PyTorch's default in workers). The trainer's entry point,
+  :func:`engine.data.make_loader`, adds its batch samplers and collate function.
 """
 from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-
-from .transforms import to_model_input
 
 DEFAULT_PREFETCH_FACTOR = 4
 
@@ -48,7 +44,7 @@ def _ignore_preemption_signals(worker_id: int) -> None:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
-def make_loader(dataset: Dataset, batch_size: Optional[int] = None, sampler: Optional[Sampler] = None,
+def build_dataloader(dataset: Dataset, batch_size: Optional[int] = None, sampler: Optional[Sampler] = None,
                 workers: Optional[int] = None, device: Any = "cpu", *, shuffle: bool = False,
                 drop_last: bool = False, prefetch_factor: int = DEFAULT_PREFETCH_FACTOR,
                 collate_fn: Optional[Callable] = None, local_world_size: int = 1,
@@ -84,57 +80,3 @@ def make_loader(dataset: Dataset, batch_size: Optional[int] = None, sampler: Opt
         kwargs.update(batch_size=batch_size, sampler=sampler, shuffle=shuffle, drop_last=drop_last)
     return DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda" and torch.cuda.is_available(),
                       collate_fn=collate_fn, **kwargs)
-
-
-class DevicePrefetcher:
-    """Iterate ``(images, targets)`` batches of ``loader`` as model-ready tensors on ``device``.
-
-    On CUDA the copy and uint8 -> normalized float conversion of the next batch run on a side stream, and
-    the consumer stream waits on an event (no host synchronization); tensors are marked with
-    ``record_stream`` so the caching allocator does not reuse them early. Elsewhere batches are converted
-    synchronously. Extra items of a batch (e.g. indices) are moved to the device unchanged.
-    """
-
-    def __init__(self, loader: Any, device: Any, channels_last: bool = False):
-        self.loader, self.device, self.channels_last = loader, torch.device(device), channels_last
-        self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def _convert(self, batch: Any) -> Any:
-        images, *rest = batch
-        if images is not None:  # None: a batch whose files were all skipped as corrupt (engine.data.collate)
-            images = to_model_input(images, self.device, self.channels_last)
-        rest = [r.to(self.device, non_blocking=True) if torch.is_tensor(r) else r for r in rest]
-        return (images, *rest)
-
-    def __iter__(self) -> Iterator[Any]:
-        if not self._cuda:
-            for batch in self.loader:
-                yield self._convert(batch)
-            return
-        stream = torch.cuda.Stream(device=self.device)
-        it = iter(self.loader)
-
-        def preload():
-            try:
-                batch = next(it)
-            except StopIteration:
-                return None
-            with torch.cuda.stream(stream):
-                out = self._convert(batch)
-            event = torch.cuda.Event()
-            event.record(stream)
-            return out, event
-
-        nxt = preload()
-        while nxt is not None:
-            out, event = nxt
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(event)
-            for t in out:
-                if torch.is_tensor(t):
-                    t.record_stream(current)
-            nxt = preload()
-            yield out

@@ -1,6 +1,6 @@
 """Image loading and augmentation for ImageNet-style ImageFolder data.
 
-Two pipelines behind one interface (``data.pipeline`` in the config), each a ``(loader, transform)`` pair
+Three pipelines behind one interface (``data.pipeline`` in the config), each a ``(loader, transform)`` pair
 for ``torchvision.datasets.ImageFolder(root, transform=transform, loader=loader)``:
 
 * ``torchvision``: the reference recipe (``torchvision.transforms``): PIL decode, crop/resize on the PIL
@@ -11,8 +11,15 @@ for ``torchvision.datasets.ImageFolder(root, transform=transform, loader=loader)
   ``torchvision.io.decode_image``; it then crops and resizes on uint8 (antialiased bilinear, like
   ``RandomResizedCrop``) and flips, returning uint8 (3, S, S). The batch travels to the device as uint8
   (4x fewer bytes) and :func:`to_model_input` converts and normalizes it there.
+* ``gpu`` (:mod:`engine.gpu_decode`): the workers only read the bytes and parse the JPEG header; whole
+  batches are decoded by nvjpeg and cropped/resized/flipped on the GPU inside :func:`to_model_input`.
 
-Both pipelines sample crops from the same distribution for a given ``crop`` recipe:
+Every pipeline renders every PIL image mode as 8-bit RGB the same way (:func:`to_rgb8`): 16-bit images are
+scaled (0..65535 -> 0..255), alpha is dropped (pixels keep their stored colour, as PIL's and torchvision's
+RGB conversions do), palettes and CMYK are converted; modes without a defined 8-bit range (32-bit integer,
+float) are refused with :class:`UnsupportedImageError` naming the mode.
+
+All pipelines sample crops from the same distribution for a given ``crop`` recipe:
 ``fcanet`` (the authors' code: area scale in [0.1, 1], aspect ratio in [0.8, 1.25]) or ``torchvision``
 (area scale in [0.08, 1], aspect ratio in [3/4, 4/3]), with the ``RandomResizedCrop`` sampling rule
 (:func:`sample_crop_box`), and flip with probability 1/2.
@@ -34,8 +41,6 @@ try:  # libjpeg-turbo / libpng decoders (deprecated in torchvision 0.29 in favou
     from torchvision.io import ImageReadMode, decode_image
 except ImportError:  # pragma: no cover - a torchvision without image decoders
     ImageReadMode = decode_image = None
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
-                        module=__name__)
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
                         category=DeprecationWarning)
 
@@ -45,23 +50,76 @@ CROP_RECIPES = {
     "fcanet": {"scale": (0.1, 1.0), "ratio": (0.8, 1.25)},
     "torchvision": {"scale": (0.08, 1.0), "ratio": (3.0 / 4.0, 4.0 / 3.0)},
 }
-PIPELINES = ("fast", "torchvision")
+PIPELINES = ("fast", "torchvision", "gpu")
 DRAFT_SCALES = (8, 4, 2)  # the DCT-domain downscales libjpeg offers through PIL's draft mode
+
+
+# ------------------------------------------------------------------------------------------- image modes
+class UnsupportedImageError(ValueError):
+    """An image whose mode has no defined 8-bit RGB rendering (e.g. 32-bit float); the message names the mode."""
+
+
+# 16-bit grey modes (PNG, TIFF, PGM): 0..65535, scaled to 0..255.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+# Formats whose mode 'I' (32-bit int) images hold 16-bit samples: PIL reads 16-bit PGM/PPM (rescaled to
+# 0..65535 from any maxval) and, in older Pillow versions, 16-bit PNG as 'I'.
+I16_FORMATS = ("PNG", "PPM")
+_MODE_NAMES = {"I": "32-bit integer", "F": "32-bit floating point"}
+
+
+def check_mode(mode: str, format: Optional[str]) -> None:
+    """Raise :class:`UnsupportedImageError` for modes :func:`to_rgb8` cannot render (header-only check)."""
+    if mode == "F" or (mode == "I" and format not in I16_FORMATS):
+        raise UnsupportedImageError(
+            f"image mode {mode!r} ({_MODE_NAMES[mode]}, {format or 'unknown'} file) has no defined 8-bit range; "
+            "convert the file to 8-bit RGB")
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Render ``img`` (any PIL mode) as an 8-bit RGB image.
+
+    * 8-bit modes (``1``, ``L``, ``P``, ``RGB(A/X/a)``, ``LA``, ``PA``, ``CMYK``, ``YCbCr``, ``HSV``, ``LAB``):
+      PIL's conversion; alpha is dropped (pixels keep their stored colour). A palette with transparency goes
+      through RGBA (PIL warns on a direct conversion).
+    * 16-bit modes (``I;16*``, and ``I`` from PNG/PGM): ``round(v / 257)``, so 0..65535 maps onto 0..255
+      (PIL's own conversion clips at 255, turning almost every pixel white).
+    * ``I`` from other formats and ``F``: :class:`UnsupportedImageError` (no defined range).
+    """
+    mode = img.mode
+    if mode == "RGB":
+        img.load()  # decode now: the caller may close the file
+        return img
+    if mode in SIXTEEN_BIT_MODES or (mode == "I" and img.format in I16_FORMATS):
+        a = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)  # (H, W)
+        return Image.fromarray(((a + 128) // 257).astype(np.uint8)).convert("RGB")  # round(v / 257)
+    check_mode(mode, img.format)
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    try:
+        return img.convert("RGB")
+    except ValueError as e:  # a mode PIL cannot convert (e.g. 'La')
+        raise UnsupportedImageError(f"image mode {mode!r} cannot be converted to RGB: {e}") from None
+
+
+def _u16_to_u8(x: torch.Tensor) -> torch.Tensor:
+    """uint16 -> uint8 with ``round(v / 257)`` (what :func:`to_rgb8` does), for torchvision's 16-bit PNG decode."""
+    return ((x.to(torch.int32) + 128) // 257).to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------------------------- loaders
 def pil_loader(path: str) -> Image.Image:
-    """Decode an image file to an RGB PIL image (the reference path)."""
+    """Decode an image file to an 8-bit RGB PIL image (the reference path; modes as in :func:`to_rgb8`)."""
     with open(path, "rb") as f:
         img = Image.open(f)
-        return img.convert("RGB")
+        check_mode(img.mode, img.format)  # before decoding the pixels
+        return to_rgb8(img)
 
 
 def uint8_loader(path: str) -> torch.Tensor:
     """Decode an image file to a uint8 RGB tensor of shape (3, H, W) (JPEG via libjpeg-turbo, PNG, ...)."""
     with open(path, "rb") as f:
         data = f.read()
-    return _decode_full(EncodedImage.from_bytes(data), writable=True)
+    return _decode_full(EncodedImage.from_bytes(data))
 
 
 class EncodedImage:
@@ -82,6 +140,7 @@ class EncodedImage:
             w, h = img.size
             if w < 1 or h < 1:
                 raise OSError(f"image has an empty size {w}x{h}")
+            check_mode(img.mode, img.format)  # refuse e.g. float images before any pixel is decoded
             return cls(data, w, h, img.mode, img.format)
 
     @property
@@ -146,27 +205,29 @@ def center_crop_box(height: int, width: int, size: int, resize: int) -> tuple[fl
 
 
 # ----------------------------------------------------------------------------------- decode + crop + resize
-def _decode_full(enc: EncodedImage, writable: bool = False) -> torch.Tensor:
-    """Full-resolution uint8 (3, H, W) decode: libjpeg-turbo / libpng via torchvision, else PIL.
+def _decode_full(enc: EncodedImage) -> torch.Tensor:
+    """Full-resolution uint8 (3, H, W) decode: libjpeg-turbo / libpng via torchvision, else PIL + :func:`to_rgb8`.
 
-    The result may be a channels-last view (the decoders' interleaved RGB); with ``writable=False`` it may
-    also share PIL's read-only pixel buffer."""
-    if decode_image is not None and enc.format in ("JPEG", "PNG") and enc.mode in ("RGB", "L", "CMYK", "RGBA", "LA", "P"):
+    The result may be a channels-last view (the decoders' interleaved RGB)."""
+    if decode_image is not None and enc.format in ("JPEG", "PNG"):
         try:
             x = decode_image(torch.frombuffer(bytearray(enc.data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-            if x.dtype == torch.uint8:  # (a 16-bit PNG decodes to uint16: let PIL map it to 8 bits)
-                return x
         except RuntimeError:
-            pass  # an encoding torchvision's decoders reject (e.g. arithmetic-coded JPEG): let PIL try
+            x = None  # an encoding torchvision's decoders reject (e.g. arithmetic-coded JPEG): let PIL try
+        if x is not None:
+            # libpng's RGB conversion keeps 16 bits (uint16): scale like to_rgb8; alpha is dropped, palettes
+            # (with or without transparency), grey and CMYK are converted as PIL does.
+            return _u16_to_u8(x) if x.dtype == torch.uint16 else x
     with Image.open(io.BytesIO(enc.data)) as img:
-        x = _pil_to_tensor(img.convert("RGB"))
-    return x.clone(memory_format=torch.preserve_format) if writable else x
+        return _pil_to_tensor(to_rgb8(img))
 
 
 def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """A (3, H, W) uint8 view of an RGB PIL image's pixels (HWC memory). The buffer is read-only: callers
-    only read it (every output of this module is a fresh tensor), so the copy numpy would make is skipped."""
-    return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+    """A (3, H, W) uint8 view of a writable copy of an RGB PIL image's pixels (HWC memory).
+
+    ``np.asarray`` would share PIL's read-only export buffer, which torch warns about; the copy costs a few
+    percent of the decode."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
 def draft_scale(enc: EncodedImage, box_h: float, box_w: float, out_h: int, out_w: int) -> int:
@@ -194,25 +255,29 @@ def decode_resized_crop(enc: EncodedImage, box: tuple[float, float, float, float
         with Image.open(io.BytesIO(enc.data)) as img:
             img.draft("RGB", (enc.width // s, enc.height // s))
             s_x, s_y = enc.width / img.size[0], enc.height / img.size[1]  # the scale the decoder applied
-            img = img.convert("RGB")
-            x = _pil_to_tensor(img)
+            x = _pil_to_tensor(to_rgb8(img))
         top, left, h, w = top / s_y, left / s_x, h / s_y, w / s_x
     else:
         x = _decode_full(enc)
-    H, W = x.shape[-2:]
-    # integer pixel box (the sampled boxes are integral at full resolution; a draft-scaled one moves < 1/2 px)
-    t, l = min(max(int(round(top)), 0), H - 1), min(max(int(round(left)), 0), W - 1)
-    b, r = min(max(int(round(top + h)), t + 1), H), min(max(int(round(left + w)), l + 1), W)
-    crop = x[:, t:b, l:r]
+    y0, y1, x0, x1 = pixel_box((top, left, h, w), *x.shape[-2:])
+    crop = x[:, y0:y1, x0:x1]
     if crop.shape[-2:] != (out_h, out_w):
         crop = F.interpolate(crop.unsqueeze(0), size=(out_h, out_w), mode="bilinear", align_corners=False,
                              antialias=True).squeeze(0)
     if flip:
         crop = crop.flip(-1)
-    crop = crop.contiguous()
-    if crop.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-        crop = crop.clone()  # never hand out the (read-only) decode buffer itself
-    return crop
+    return crop.contiguous()
+
+
+def pixel_box(box: tuple[float, float, float, float], height: int, width: int) -> tuple[int, int, int, int]:
+    """The integer rows ``y0:y1`` and columns ``x0:x1`` (returned as ``(y0, y1, x0, x1)``) of
+    ``box = (top, left, h, w)`` in an image of ``height`` x ``width``, clamped to at least one pixel. The
+    sampled boxes are integral at full resolution; a draft-scaled one moves < 1/2 px. Shared by the CPU and
+    GPU pipelines."""
+    top, left, h, w = box
+    y0, x0 = min(max(int(round(top)), 0), height - 1), min(max(int(round(left)), 0), width - 1)
+    y1, x1 = min(max(int(round(top + h)), y0 + 1), height), min(max(int(round(left + w)), x0 + 1), width)
+    return y0, y1, x0, x1
 
 
 class FastTrainTransform:
@@ -223,12 +288,18 @@ class FastTrainTransform:
         self.size = (image_size, image_size)
         self.scale, self.ratio, self.flip_p = tuple(scale), tuple(ratio), flip_p
 
+    def plan(self, height: int, width: int) -> tuple[tuple[int, int, int, int], bool]:
+        """The crop box and flip of one sample, from torch's RNG (which the data set seeds per sample).
+
+        The ``gpu`` pipeline calls this too, so both draw the same boxes for the same (seed, epoch, index)."""
+        box = sample_crop_box(height, width, self.scale, self.ratio)
+        return box, bool(torch.rand(()) < self.flip_p)
+
     def __call__(self, enc: Any) -> torch.Tensor:
         if not isinstance(enc, EncodedImage):
             raise TypeError(f"the fast train transform takes an EncodedImage (from encoded_loader), "
                             f"got {type(enc).__name__}")
-        box = sample_crop_box(enc.height, enc.width, self.scale, self.ratio)
-        flip = bool(torch.rand(()) < self.flip_p)
+        box, flip = self.plan(enc.height, enc.width)
         return decode_resized_crop(enc, box, self.size, flip)
 
     def __repr__(self) -> str:
@@ -240,13 +311,18 @@ class FastValTransform:
 
     def __init__(self, image_size: int, resize: int):
         self.image_size, self.resize = image_size, resize
+        self.size = (image_size, image_size)
+
+    def plan(self, height: int, width: int) -> tuple[tuple[float, float, float, float], bool]:
+        """The (deterministic) center-crop region and no flip."""
+        return center_crop_box(height, width, self.image_size, self.resize), False
 
     def __call__(self, enc: Any) -> torch.Tensor:
         if not isinstance(enc, EncodedImage):
             raise TypeError(f"the fast val transform takes an EncodedImage (from encoded_loader), "
                             f"got {type(enc).__name__}")
-        box = center_crop_box(enc.height, enc.width, self.image_size, self.resize)
-        return decode_resized_crop(enc, box, (self.image_size, self.image_size))
+        box, _ = self.plan(enc.height, enc.width)
+        return decode_resized_crop(enc, box, self.size)
 
     def __repr__(self) -> str:
         return f"FastValTransform(image_size={self.image_size}, resize={self.resize})"
@@ -268,12 +344,16 @@ def build_train_transform(image_size: int, crop: str = "fcanet", pipeline: str =
                           ) -> tuple[Callable[[str], Any], Callable[[Any], torch.Tensor]]:
     """Return ``(loader, transform)`` for training: random-resized crop to ``image_size`` + horizontal flip.
 
-    The ``fast`` transform returns uint8 (3, S, S); the ``torchvision`` one a normalized float tensor.
+    The ``fast`` transform returns uint8 (3, S, S); the ``torchvision`` one a normalized float tensor; the
+    ``gpu`` one a not-yet-decoded sample (:mod:`engine.gpu_decode`) that :func:`to_model_input` finishes.
     """
     _check(image_size, pipeline, crop)
     recipe = CROP_RECIPES[crop]
     if pipeline == "fast":
         return encoded_loader, FastTrainTransform(image_size, **recipe)
+    if pipeline == "gpu":
+        from engine import gpu_decode  # imports this module
+        return gpu_decode.gpu_loader, gpu_decode.GpuTransform(FastTrainTransform(image_size, **recipe))
     return pil_loader, T.Compose([
         T.RandomResizedCrop(image_size, **recipe), T.RandomHorizontalFlip(), T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -285,6 +365,9 @@ def build_val_transform(image_size: int, resize: int, pipeline: str = "fast"
     _check(image_size, pipeline, resize=resize)
     if pipeline == "fast":
         return encoded_loader, FastValTransform(image_size, resize)
+    if pipeline == "gpu":
+        from engine import gpu_decode  # imports this module
+        return gpu_decode.gpu_loader, gpu_decode.GpuTransform(FastValTransform(image_size, resize))
     return pil_loader, T.Compose([
         T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
@@ -302,14 +385,18 @@ def _norm_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _NORM_CACHE[key]
 
 
-def to_model_input(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+def to_model_input(images: Any, device: torch.device, channels_last: bool = False) -> torch.Tensor:
     """Move a batch to ``device`` and make it model-ready (N, 3, H, W) float32.
 
     uint8 batches (the ``fast`` pipeline) are copied as uint8 (non-blocking from pinned memory), then
     converted to float and normalized on the device; the channels_last permute happens on the uint8 data,
     which is 4x cheaper. Float batches (the ``torchvision`` pipeline) are already normalized. No host sync.
+    A ``gpu`` pipeline batch (:class:`engine.gpu_decode.EncodedBatch`, not a tensor) is decoded, cropped,
+    resized, flipped and normalized on ``device`` by its own ``to_model_input``.
     """
     device = torch.device(device)
+    if not torch.is_tensor(images):
+        return images.to_model_input(device, channels_last)
     images = images.to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)

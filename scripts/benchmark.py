@@ -243,7 +243,7 @@ def _transform_variants(image_size: int, resize: int, crop: str) -> dict[str, di
 
 
 def _dataloader_rate(pipeline: str, kind: str, root: Path, args, workers: int) -> tuple[float, float]:
-    """(img/s wall, worker CPU-seconds per image) iterating an ImageFolder through ``make_loader``.
+    """(img/s wall, worker CPU-seconds per image) iterating an ImageFolder through ``build_dataloader``.
 
     Worker CPU time comes from ``getrusage(RUSAGE_CHILDREN)`` after the workers exit (all epochs, the
     warm-up one included, so it is divided by every image they produced)."""
@@ -253,14 +253,14 @@ def _dataloader_rate(pipeline: str, kind: str, root: Path, args, workers: int) -
     from torchvision.datasets import ImageFolder
 
     from engine import transforms as tr
-    from engine.loader import make_loader
+    from engine.loader import build_dataloader
     if kind == "train":
         loader, tf = tr.build_train_transform(args.image_size, args.crop, pipeline)
     else:
         loader, tf = tr.build_val_transform(args.image_size, args.resize, pipeline)
     ds = ImageFolder(str(root), transform=tf, loader=loader)
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    dl = make_loader(ds, args.batch, workers=workers, device="cpu", shuffle=kind == "train")
+    dl = build_dataloader(ds, args.batch, workers=workers, device="cpu", shuffle=kind == "train")
     total = 0
     for images, _ in dl:  # warm-up epoch: worker start-up, page cache
         total += images.shape[0]
@@ -366,7 +366,7 @@ def cmd_data(args) -> None:
                            "reference worker CPU-ms/img", "fast worker CPU-ms/img", "vs reference (per core)"], rows)
         print("\n" + table2)
         sections.append(
-            f"## Through the DataLoader (`engine.loader.make_loader`, batch {args.batch}, "
+            f"## Through the DataLoader (`engine.loader.build_dataloader`, batch {args.batch}, "
             f"{args.dl_images} files per size)\n\n"
             f"The main process only iterates the batches; {available_cpus()} cores are shared by the workers and "
             f"the main process. img/s: wall clock over >= {args.seconds:g}s after a warm-up epoch, median of "

@@ -138,3 +138,30 @@ def test_section_overrides_merge_and_bad_sections(tmp_path):
         load_config(bad)
     (tmp_path / "afile").write_text("x")
     assert "exists and is not a directory" in err([f"output_dir={tmp_path / 'afile'}"])
+
+
+@pytest.mark.parametrize("text, where, problem", [
+    ("train:\n  epochs: 3\n  batch_size: [1, 2\nmodel:\n  name: x\n", ":4:6:", "expected ',' or ']'"),
+    ("train:\n  epochs: 3\n bad: 1\n", ":3:2:", "expected <block end>"),
+    ("seed: a: b\n", ":1:8:", "mapping values are not allowed here"),
+    ("output_dir: 'unterminated\n", ":2:1:", "found unexpected end of stream"),
+    ("train:\n\tepochs: 3\n", ":2:1:", "found character '\\t'"),
+])
+def test_yaml_syntax_errors_keep_line_and_column(tmp_path, text, where, problem):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    msg = err([], path)
+    assert msg.startswith(f"config file {path}{where} invalid YAML: ") and problem in msg, msg
+
+
+def test_image_size_is_bounded_with_the_memory_it_would_take():
+    msg = err(["data.image_size=4096", "train.batch_size=128"])
+    assert "data.image_size" in msg and "4096" in msg and "<= 1024" in msg and "24.0 GiB" in msg
+    assert "data.val_resize" in err(["data.val_resize=100000"])
+    cfg = load_config(BASE_CONFIG, ["data.image_size=1024", "data.val_resize=1152"])
+    assert cfg.data.image_size == 1024
+
+
+def test_gpu_pipeline_is_a_valid_choice():
+    assert load_config(BASE_CONFIG, ["data.pipeline=gpu"]).data.pipeline == "gpu"  # refused later without CUDA
+    assert "data.pipeline" in err(["data.pipeline=nvjpeg"])

@@ -1,13 +1,17 @@
-"""Samplers (deterministic order, exact eval sharding), corrupt images, digits tree."""
+"""Samplers (deterministic order, exact eval sharding), corrupt images, digits tree, folder scan."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import BASE_CONFIG, tiny_overrides, write_tiny_imagefolder
-from engine.data import (CorruptImageError, ExactEvalBatchSampler, RobustImageFolder, TrainBatchSampler, collate,
-                         write_digits_imagefolder)
+from torchvision.datasets import ImageFolder
+
+from engine.data import (CorruptImageError, DataError, ExactEvalBatchSampler, RobustImageFolder, TrainBatchSampler,
+                         collate, write_digits_imagefolder)
 from engine.transforms import build_train_transform
 
 
@@ -59,8 +63,10 @@ def test_augmentation_is_seeded_per_sample(tmp_path):
     x2, _ = ds[(1, 42)]
     assert torch.equal(x1, x2)
     torch.manual_seed(999)
+    before = torch.get_rng_state()
     ds[(1, 42)]
-    assert torch.equal(torch.get_rng_state(), torch.get_rng_state()) and not torch.equal(state, torch.get_rng_state())
+    assert torch.equal(torch.get_rng_state(), before)  # the per-sample seed ran in a forked RNG
+    assert not torch.equal(state, before)
     different = [ds[(1, s)][0] for s in range(6)]
     assert any(not torch.equal(different[0], d) for d in different[1:])
 
@@ -96,7 +102,8 @@ def test_digits_tree_is_deterministic_and_written_once(tmp_path):
     name = val[0]
     img = np.asarray(Image.open(root / name))
     expected = np.round(load_digits().images[int(name.stem)] * 255 / 16).astype(np.uint8)
-    assert img.shape == (8, 8) and np.array_equal(img, expected) and int(name.parent.name) == load_digits().target[int(name.stem)]
+    assert img.shape == (8, 8) and np.array_equal(img, expected)
+    assert int(name.parent.name) == load_digits().target[int(name.stem)]
 
 
 def test_eval_only_detects_missing_val_class_folder(tmp_path):
@@ -111,3 +118,63 @@ def test_eval_only_detects_missing_val_class_folder(tmp_path):
     shutil.rmtree(root / "val" / sorted(p.name for p in (root / "val").iterdir())[0])
     with pytest.raises(DataError, match="val lacks"):
         build_datasets(cfg, 3, need_train=False)
+
+
+# ------------------------------------------------------------------------------------ ImageFolder scan
+def _folder(tmp_path):
+    """A tiny tree with a nested sub-folder, and a class folder that is a symlink to a tree elsewhere."""
+    root = write_tiny_imagefolder(tmp_path / "data", classes=2, train_per_class=3, val_per_class=1)
+    train = root / "train"
+    (train / "class0" / "sub").mkdir()
+    (train / "class1" / "000.png").rename(train / "class0" / "sub" / "moved.png")
+    outside = write_tiny_imagefolder(tmp_path / "elsewhere", classes=1, train_per_class=2, val_per_class=1)
+    (train / "linked").symlink_to(outside / "train" / "class0", target_is_directory=True)
+    return train
+
+
+def _scan(folder) -> list:
+    return RobustImageFolder(str(folder), transform=None, loader=None).samples
+
+
+def test_scan_keeps_torchvision_order_and_follows_plain_symlinks(tmp_path):
+    train = _folder(tmp_path)
+    ours = _scan(train)
+    assert ours == ImageFolder(str(train)).samples  # same order, same labels (the linked class included)
+    assert {os.path.basename(os.path.dirname(p)) for p, _ in ours} == {"class0", "sub", "class1", "linked"}
+
+
+@pytest.mark.parametrize("link", ["..", ".", "../..", "../class1"])
+def test_directory_symlink_cycle_or_repeat_is_refused(tmp_path, link):
+    """``train/class0/loop -> ..`` made torchvision's scan list 656 samples from 16 files, mislabelled."""
+    train = _folder(tmp_path)
+    (train / "class0" / "loop").symlink_to(link, target_is_directory=True)
+    kind = "symlink cycle" if link in ("..", ".", "../..") else "same folder"
+    if link == "../..":
+        kind = "same folder|symlink cycle"  # leads above train/: back into train/ through data/
+    with pytest.raises(DataError, match=kind) as e:
+        _scan(train)
+    assert "loop" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("how", ["symlink", "hardlink", "symlink_other_class"])
+def test_the_same_file_twice_is_refused(tmp_path, how):
+    train = _folder(tmp_path)
+    src = train / "class0" / "001.png"
+    dst = train / ("class1" if how == "symlink_other_class" else "class0") / "zz_copy.png"
+    if how == "hardlink":
+        os.link(src, dst)
+    else:
+        dst.symlink_to(src)
+    with pytest.raises(DataError, match="same file") as e:
+        _scan(train)
+    assert "001.png" in str(e.value) and "zz_copy.png" in str(e.value)
+
+
+def test_dangling_symlink_is_listed_and_fails_as_unreadable(tmp_path):
+    train = _folder(tmp_path)
+    (train / "class1" / "zz_gone.png").symlink_to(tmp_path / "missing.png")
+    loader, tf = build_train_transform(8, pipeline="fast")
+    ds = RobustImageFolder(str(train), transform=tf, loader=loader)
+    idx = [p for p, _ in ds.samples].index(str(train / "class1" / "zz_gone.png"))
+    with pytest.raises(CorruptImageError, match="zz_gone.png"):
+        ds[idx]

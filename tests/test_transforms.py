@@ -16,7 +16,8 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 from engine import transforms as tr
-from engine.loader import DevicePrefetcher, default_workers, make_loader
+from engine.loader import build_dataloader, default_workers
+from image_modes import H as MODE_H, W as MODE_W, mode_cases  # tests/image_modes.py
 
 
 @pytest.fixture(scope="module")
@@ -223,9 +224,9 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
     with pytest.raises(OSError):  # PIL.UnidentifiedImageError is an OSError: caught as a corrupt file
         tr.encoded_loader(junk)
     with pytest.raises(ValueError, match="workers"):
-        make_loader([], 4, workers=-1)
+        build_dataloader([], 4, workers=-1)
     with pytest.raises(ValueError, match="batch_size"):
-        make_loader([], 0)
+        build_dataloader([], 0)
 
 
 # ---------------------------------------------------------------------------------------------- loader
@@ -237,14 +238,14 @@ def test_imagefolder_dataloader_fast_pipeline(tmp_path, photos):
             _write(d / f"{k}.jpg", _jpeg(photos[c], (160 + 40 * k, 120 + 30 * k)))
     loader, transform = tr.build_train_transform(64, "fcanet", "fast")
     ds = ImageFolder(str(tmp_path), transform=transform, loader=loader)
-    dl = make_loader(ds, batch_size=4, workers=1, device="cpu", shuffle=True, drop_last=True)
+    dl = build_dataloader(ds, batch_size=4, workers=1, device="cpu", shuffle=True, drop_last=True)
     assert dl.num_workers == 1 and dl.persistent_workers and dl.prefetch_factor == 4 and not dl.pin_memory
-    batches = list(DevicePrefetcher(dl, "cpu", channels_last=True))
+    batches = list(dl)
     assert len(batches) == 1
-    x, y = batches[0]
+    x, y = tr.to_model_input(batches[0][0], "cpu", channels_last=True), batches[0][1]
     assert x.shape == (4, 3, 64, 64) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.int64
-    raw = next(iter(make_loader(ds, batch_size=6, workers=0)))[0]
+    raw = next(iter(build_dataloader(ds, batch_size=6, workers=0)))[0]
     assert raw.dtype == torch.uint8 and raw.shape == (6, 3, 64, 64)
 
 
@@ -256,10 +257,54 @@ def test_default_workers_from_affinity():
         default_workers(0)
 
 
-def test_device_prefetcher_passes_skipped_batches_through():
-    """engine.data.collate yields (None, None, n) when every file of a batch was corrupt and skipped."""
-    u8 = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
-    batches = [(u8, torch.tensor([0, 1]), 0), (None, None, 2)]
-    out = list(DevicePrefetcher(batches, "cpu"))
-    assert out[0][0].dtype == torch.float32 and out[0][2] == 0
-    assert out[1] == (None, None, 2)
+# ----------------------------------------------------------------------------------------- image modes
+MODE_CASES = mode_cases()
+
+
+def _decode_every_pipeline(path: str) -> dict[str, np.ndarray]:
+    """Full-resolution (H, W, 3) uint8 of ``path`` from each pipeline's decode: the torchvision pipeline's
+    PIL loader, the fast pipeline (libjpeg-turbo/libpng or PIL) and its full-image loader."""
+    box, size = (0, 0, MODE_H, MODE_W), (MODE_H, MODE_W)
+    return {
+        "torchvision": np.array(tr.pil_loader(path)),
+        "fast": tr.decode_resized_crop(tr.encoded_loader(path), box, size).permute(1, 2, 0).numpy(),
+        "uint8_loader": tr.uint8_loader(path).permute(1, 2, 0).numpy(),
+    }
+
+
+@pytest.mark.parametrize("case", [c for c in MODE_CASES if c.expected is not None], ids=lambda c: c.name)
+def test_every_image_mode_decodes_to_correct_8bit_rgb(tmp_path, case):
+    path = _write(tmp_path / (case.name + case.ext), case.data)
+    with Image.open(path) as img:
+        assert img.mode == case.mode
+    for name, out in _decode_every_pipeline(path).items():
+        assert out.shape == (MODE_H, MODE_W, 3) and out.dtype == np.uint8, name
+        err = np.abs(out.astype(int) - case.expected.astype(int)).max()
+        assert err <= case.tol, f"{case.name} via {name}: max error {err}"
+
+
+def test_16bit_gradient_spans_0_to_255_not_white(tmp_path):
+    """A 0..65535 gradient must map onto 0..255 (PIL's convert('RGB') clips it to almost all 255)."""
+    case = next(c for c in MODE_CASES if c.name == "grey16")
+    path = _write(tmp_path / "g.png", case.data)
+    for name, out in _decode_every_pipeline(path).items():
+        flat = out[..., 0].ravel()
+        assert flat.min() == 0 and flat.max() == 255, name
+        assert (np.diff(flat.astype(int)) >= 0).all() and len(np.unique(flat)) > 150, name
+
+
+@pytest.mark.parametrize("case", [c for c in MODE_CASES if c.expected is None], ids=lambda c: c.name)
+def test_modes_without_an_8bit_range_are_refused_naming_the_mode(tmp_path, case):
+    path = _write(tmp_path / (case.name + case.ext), case.data)
+    for loader in (tr.pil_loader, tr.encoded_loader, tr.uint8_loader):
+        with pytest.raises(tr.UnsupportedImageError, match=f"image mode '{case.mode}'"):
+            loader(path)
+
+
+def test_draft_decode_of_a_grey_jpeg_is_grey(photos):
+    """The DCT-domain (draft) path converts through to_rgb8 too: a greyscale JPEG stays grey."""
+    data = _jpeg(photos[0], (640, 427), mode="L")
+    enc = tr.EncodedImage.from_bytes(data)
+    assert enc.mode == "L" and tr.draft_scale(enc, 427, 640, 100, 100) == 4
+    out = tr.decode_resized_crop(enc, (0, 0, 427, 640), (100, 150)).int()
+    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2]) and out.float().std() > 10
