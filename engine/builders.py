@@ -4,6 +4,7 @@ objects and only holds state and runs the loops.
 """
 from __future__ import annotations
 
+import inspect
 import random
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -172,11 +173,14 @@ def wrap_model(cfg: Config, model: nn.Module, info: dist_lib.DistInfo) -> Wrappe
     train_model: nn.Module = model
     if info.distributed:
         ids = [info.device.index] if info.device.type == "cuda" else None
-        # broadcast_buffers=False: DDP would otherwise copy rank 0's buffers to every rank before each forward,
-        # the fixed DCT filters included (identical on every rank by construction). Rank 0's BN statistics are
-        # the same either way (a broadcast never changes the source); the other ranks' copies are only used
-        # after engine.distributed.broadcast_buffers before each evaluation, and only rank 0's are saved.
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        # No buffer sync at every forward (public DDP options; buffers are still synced once at construction):
+        # DDP would otherwise copy rank 0's buffers to every rank before each forward, the fixed DCT filters
+        # included (identical on every rank by construction). Rank 0's BN statistics are the same either way (a
+        # broadcast never changes its source); the other ranks' copies are only used after
+        # engine.distributed.broadcast_buffers before each evaluation, and only rank 0's are saved.
+        params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids, **no_sync)
     eval_model: nn.Module = model
     if cfg.train.compile:
         train_model = torch.compile(train_model)

@@ -66,7 +66,10 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, allow_new: bool = False) -
         try:
             report = models.load_weights(model, checkpoint)
         except (ValueError, FileNotFoundError, OSError) as e:
-            raise ConfigError(f"--checkpoint {checkpoint}: {str(e).splitlines()[0]}") from None
+            msg = str(e).splitlines()[0]
+            # read_state_dict's messages start with "checkpoint <path>" already
+            raise ConfigError(f"--checkpoint: {msg}" if str(checkpoint) in msg else
+                              f"--checkpoint {checkpoint}: {msg}") from None
         if report.new and not allow_new:
             raise ConfigError(f"--checkpoint {checkpoint}: lacks {len(report.new)} attention weight(s) of "
                               f"{cfg.model.name} (e.g. {report.new[0]}): evaluating fresh attention is meaningless; "
