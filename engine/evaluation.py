@@ -10,9 +10,9 @@ from engine import distributed as dist_lib
 from engine.builders import build_model
 from engine.config import Config, ConfigError
 from engine.data import DataError, ExactEvalBatchSampler, build_datasets, make_loader
+from engine.loader import DevicePrefetcher
 from engine.meter import Meter
 from engine.progress import Progress
-from engine.transforms import to_model_input
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -32,13 +32,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "off", c
     crit = nn.CrossEntropyLoss(reduction="mean")
     progress = Progress(total=len(loader), desc=desc or "", enabled=desc is not None)
     try:
-        for images, targets, skipped in loader:
+        for x, y, skipped in DevicePrefetcher(loader, device, channels_last):  # x: (N, 3, H, W), y: (N,)
             progress.update()
-            if images is None:  # a batch of only unreadable images (data.skip_corrupt)
+            if x is None:  # a batch of only unreadable images (data.skip_corrupt)
                 meter.add_skipped(skipped)
                 continue
-            x = to_model_input(images, device, channels_last)
-            y = targets.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16), enabled=amp != "off"):
                 logits = model(x)
             loss = crit(logits.float(), y)

@@ -60,7 +60,8 @@ class Progress:
             return
         rate = (self.done - self._done0) * images_per_step / max(now - self._t0, 1e-9)
         pct = 100.0 * self.done / max(self.total, 1)
-        line = f"{self.desc} step {self.done}/{self.total} ({pct:.0f}%) | " + " ".join(f"{k} {v}" for k, v in text.items())
+        metrics = " ".join(f"{k} {v}" for k, v in text.items())
+        line = f"{self.desc} step {self.done}/{self.total} ({pct:.0f}%) | {metrics}"
         if images_per_step:
             line += f" | {rate:.1f} img/s"
         print(line, file=self.line_stream, flush=True)

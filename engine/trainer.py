@@ -29,12 +29,12 @@ from engine.builders import (DataBundle, Optimization, Wrapped, build_data, buil
 from engine.config import Config, ConfigError, diff_configs, dump_config
 from engine.data import DataError
 from engine.evaluation import AMP_DTYPES, evaluate, evaluate_checkpoint
+from engine.loader import DevicePrefetcher
 from engine.meter import Meter, MeterReading
 from engine.preemption import Preemption
 from engine.progress import Progress, log_line
 from engine.runlock import RunDirInUseError, RunDirLock
 from engine.summary import FILE_NAME as SUMMARY_NAME, RunSummary, read_summary
-from engine.transforms import to_model_input
 
 __all__ = ["fit", "Trainer", "TrainState", "evaluate", "evaluate_checkpoint", "build_model", "init_from_checkpoint",
            "NonFiniteLossError", "SimulatedKill", "StructureChangedError"]
@@ -254,13 +254,14 @@ class Trainer:
                                   f"{kept}; lower optim.base_lr or check the data")
 
     # -- the step, the sync point, the preemption exit --------------------------------------------------------
-    def train_step(self, images: torch.Tensor | None, targets: torch.Tensor, skipped: int) -> None:
-        """One optimizer step on this rank's batch (no host sync): lr from the schedule, forward, backward."""
+    def train_step(self, x: torch.Tensor | None, y: torch.Tensor, skipped: int) -> None:
+        """One optimizer step on this rank's batch (no host sync): lr from the schedule, forward, backward.
+
+        ``x``: (N, 3, H, W) model-ready images on the device (None: every file of the batch was unreadable),
+        ``y``: (N,) labels on the device, ``skipped``: unreadable images left out of the batch."""
         st, cfg, dev = self.state, self.cfg, self.device
-        if images is None:
+        if x is None:
             raise DataError(f"every image of a training batch (global step {st.global_step + 1}) is unreadable")
-        x = to_model_input(images, dev, cfg.train.channels_last)  # (N, 3, H, W) float, normalised
-        y = targets.to(dev, non_blocking=True)                     # (N,)
         self.optim.schedule.apply(self.optim.optimizer, st.global_step)
         with torch.autocast(dev.type, dtype=AMP_DTYPES.get(cfg.train.amp, torch.bfloat16),
                             enabled=cfg.train.amp != "off"):
@@ -330,8 +331,9 @@ class Trainer:
         self._t0, self._images = time.time(), 0
         reading = None
         try:
-            for images, targets, skipped in self.data.train_loader:
-                self.train_step(images, targets, skipped)
+            # The next batch is copied and normalised on a side CUDA stream while this one trains.
+            for x, y, skipped in DevicePrefetcher(self.data.train_loader, self.device, cfg.train.channels_last):
+                self.train_step(x, y, skipped)
                 progress.update()
                 self._debug_hooks()
                 end = st.step_in_epoch >= self.steps_per_epoch
@@ -355,8 +357,9 @@ class Trainer:
 
     def _evaluate(self) -> dict:
         dist_lib.broadcast_buffers(self.model)  # every rank evaluates rank 0's BN statistics
+        show = self.info.is_main and self.cfg.train.progress
         return evaluate(self.wrapped.eval_model, self.data.val_loader, self.device, self.cfg.train.amp,
-                        self.cfg.train.channels_last, desc="eval" if (self.info.is_main and self.cfg.train.progress) else None)
+                        self.cfg.train.channels_last, desc="eval" if show else None)
 
     def _end_epoch(self, train: MeterReading) -> None:
         """Evaluate (when due), log and record the epoch, move the state to the next epoch, checkpoint."""
@@ -470,7 +473,8 @@ def check_device(cfg: Config, info: dist_lib.DistInfo) -> None:
     if t.amp == "fp16" and info.device.type != "cuda":
         raise ConfigError("config key 'train.amp': fp16 (with GradScaler) needs a CUDA device; use bf16 or off on CPU")
     if t.sync_bn and info.distributed and info.device.type != "cuda":
-        raise ConfigError("config key 'train.sync_bn': SyncBatchNorm needs CUDA devices; set train.sync_bn=false on CPU")
+        raise ConfigError("config key 'train.sync_bn': SyncBatchNorm needs CUDA devices; "
+                          "set train.sync_bn=false on CPU")
 
 
 def find_checkpoint(run_dir: Path, resume: str | None, info: dist_lib.DistInfo,

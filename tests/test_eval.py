@@ -31,6 +31,7 @@ def torchrun(nproc: int, script: str, args: list[str], timeout: int = 240) -> su
     return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_exact_eval_is_identical_for_world_sizes_1_2_3(trained, tmp_path):
     data, out = trained
     results = {}
@@ -59,6 +60,7 @@ def test_exact_eval_is_identical_for_world_sizes_1_2_3(trained, tmp_path):
     assert summary["final_top1"] == results[1]["top1"] and summary["val_count"] == VAL
 
 
+@pytest.mark.slow
 def test_torchrun_two_process_gloo_training(trained, tmp_path):
     data, _ = trained
     out = tmp_path / "ddp"

@@ -128,7 +128,8 @@ def test_second_trainer_on_a_run_directory_is_refused_naming_the_holder(data, tm
             first.kill()
     assert first.returncode == 0, err
     assert not (out / "train.lock.json").exists()  # released on exit
-    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").exists() else []
+    metrics = out / "metrics.jsonl"
+    rows = [json.loads(r) for r in metrics.read_text().splitlines()] if metrics.exists() else []
     assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))  # each epoch once
 
 

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import ROOT
 from train_imagenet import main
 
 
+@pytest.mark.slow
 def test_digits_demo_reaches_90_percent(tmp_path, capsys):
     # Exactly the README command, only redirected into a temp folder (data tree and run directory).
     rc = main(["--config", str(ROOT / "configs/demo/fcanet_digits.yaml"), f"data.root={tmp_path}/digits",
