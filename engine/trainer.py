@@ -85,12 +85,22 @@ def check_structure(saved: dict, cfg: Config, path: Path) -> None:
             d = d.get(part) if isinstance(d, dict) else None
         return d
 
-    changed = [k for k in STRUCTURAL_KEYS if get(saved, k) != get(now, k)]
+    def same(key: str) -> bool:
+        a, b = get(saved, key), get(now, key)
+        if key == "model.freq" and a != b:  # null, 'top16' and its explicit (u, v) list are one selection
+            from models.dct import parse_frequencies
+            try:
+                return [tuple(f) for f in parse_frequencies(a)] == [tuple(f) for f in parse_frequencies(b)]
+            except (ValueError, TypeError):
+                return False
+        return a == b
+
+    changed = [k for k in STRUCTURAL_KEYS if not same(k)]
     if changed:
-        what = "; ".join(f"{k} {_short(get(saved, k))} -> {_short(get(now, k))}" for k in changed)
+        what = ", ".join(f"{k}={_short(get(saved, k))} (now {_short(get(now, k))})" for k in changed)
         raise StructureChangedError(
-            f"cannot resume {path}: its weights were trained with other {', '.join(changed)} ({what}); to train "
-            "these settings start a new run (another output_dir), or set them back to continue this one")
+            f"cannot resume {path}: its weights were trained with {what}; to train these settings start a new run "
+            "(another output_dir), or set them back to continue this one")
 
 
 # ----------------------------------------------------------------------------------------------------------------

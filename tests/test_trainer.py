@@ -254,3 +254,17 @@ def test_fcanet_two_process_gloo_training(data, tmp_path):
     assert dct and all(torch.equal(ck["model"][k], fresh[k]) for k in dct)
     trained = [k for k in ck["model"] if ".att." in k and k.endswith("weight") and k not in dct]
     assert trained and any(not torch.equal(ck["model"][k], fresh[k]) for k in trained)  # attention trained
+
+
+def test_structural_check_names_keys_and_ignores_equivalent_freq():
+    from engine.trainer import StructureChangedError, check_structure
+    from models.dct import parse_frequencies
+    saved = load_config(BASE_CONFIG).to_dict()  # fcanet50, model.freq null (= top16)
+    explicit = [list(f) for f in parse_frequencies("top16")]
+    for same in (["model.freq=top16"], [f"model.freq={explicit}"], ["optim.base_lr=0.5", "train.epochs=30"]):
+        check_structure(saved, load_config(BASE_CONFIG, same), "last.pth")
+    with pytest.raises(StructureChangedError, match=r"^cannot resume last\.pth: its weights were trained with "
+                       r"model\.num_classes=1000 \(now 10\), data\.image_size=224 \(now 160\); to train"):
+        check_structure(saved, load_config(BASE_CONFIG, ["model.num_classes=10", "data.image_size=160"]), "last.pth")
+    with pytest.raises(StructureChangedError, match=r"model\.freq=null \(now 'low4'\)"):
+        check_structure(saved, load_config(BASE_CONFIG, ["model.freq=low4"]), "last.pth")
