@@ -123,7 +123,8 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(data, tmp_path, mo
     with pytest.raises(NonFiniteLossError, match=r"non-finite training loss at global step 5 .*last good checkpoint"):
         run(data, tmp_path, **{"train.checkpoint_every_steps": 2, "train.log_every_steps": 3})
     ck = final_state(tmp_path)
-    assert ck["global_step"] == 4 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert ck["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
 def test_corrupt_image_is_a_clear_error_or_skipped(tmp_path, capsys):
@@ -175,7 +176,8 @@ def test_finetune_from_plain_resnet(reference, data, tmp_path):
 def test_external_sigterm_exits_zero_with_checkpoint(data, tmp_path):
     cmd = [sys.executable, str(ROOT / "train_imagenet.py"), "--config", str(BASE_CONFIG)] + tiny_overrides(
         data, tmp_path, **{"train.epochs": 200, "train.warmup_epochs": 1})
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         for line in proc.stdout:
             if line.startswith("start training"):
