@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     from engine.cli import run_guarded
 
     def run() -> int:
-        from engine.config import load_config
-        from engine.trainer import evaluate_checkpoint
-        from engine.config import ConfigError
+        from engine.config import ConfigError, load_config
+        from engine.evaluation import evaluate_checkpoint
+        from engine.fileio import atomic_write_text
         cfg = load_config(args.config, args.overrides)
         out = Path(args.output) if args.output else Path(cfg.output_dir) / f"eval_{Path(args.checkpoint).stem}.json"
         if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):
@@ -41,10 +41,9 @@ def main(argv: list[str] | None = None) -> int:
             line = json.dumps(result)
             print(line, flush=True)  # first, so the result survives a failing write
             try:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(line + "\n")
-            except OSError as e:
-                raise ConfigError(f"--output {out}: cannot write the result: {e}") from None
+                atomic_write_text(out, line + "\n")
+            except OSError as e:  # a WriteError names the path and the errno
+                raise ConfigError(f"--output: {e}") from None
         return 0
 
     return run_guarded(run)

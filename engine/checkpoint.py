@@ -10,7 +10,6 @@ Everything is stored as tensors / plain Python values so it loads with ``weights
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 from pathlib import Path
@@ -19,8 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
+# The engine's atomic writers live in engine.fileio; these names stay importable from here.
+from engine.fileio import WriteError, atomic_open, atomic_save, atomic_write_text  # noqa: F401
+
 FORMAT = "fcanet-train-checkpoint-v1"
-REQUIRED = ("format", "model", "optimizer", "scheduler", "scaler", "epoch", "step_in_epoch", "global_step",
+# (checkpoints before the per-step lr function also hold a LambdaLR "scheduler" state, which is ignored)
+REQUIRED = ("format", "model", "optimizer", "scaler", "epoch", "step_in_epoch", "global_step",
             "steps_per_epoch", "world_size", "state", "rng", "config")
 
 
@@ -28,61 +31,21 @@ class CheckpointError(RuntimeError):
     """A missing, truncated or otherwise unusable checkpoint (one-line message naming the file)."""
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "wb"):
-    """Open a temp file beside ``path``; on success fsync and rename it over ``path`` (the old file
-    survives any crash), on failure remove it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically (see :func:`atomic_open`)."""
-    with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    with atomic_open(path, "w") as f:
-        f.write(text)
-
-
 def save_last(obj: Any, folder: str | Path, name: str = "last.pth") -> Path:
-    """Save ``obj`` as ``folder/last.pth``, keeping the previous one as ``folder/last.prev.pth``."""
+    """Save ``obj`` as ``folder/last.pth``, keeping the previous one as ``folder/last.prev.pth``.
+
+    The new file is written completely (temp file, fsync) before the old ones are touched: a crash at any
+    point leaves at least one complete checkpoint (``last.pth``, or ``last.prev.pth`` between the two renames).
+    A failed write (e.g. a full disk) raises :class:`~engine.fileio.WriteError` and changes nothing."""
     folder = Path(folder)
     path, prev = folder / name, folder / name.replace(".pth", ".prev.pth")
-    # Write the new file completely before touching the old ones: a crash at any point leaves at least
-    # one complete checkpoint (last.pth, or last.prev.pth between the two renames).
-    tmp = folder / f".{name}.new{os.getpid()}"
-    atomic_save(obj, tmp)
-    if path.exists():
-        os.replace(path, prev)
-    os.replace(tmp, path)
-    _fsync_dir(folder)
+
+    def rotate() -> None:
+        if path.exists():
+            os.replace(path, prev)
+
+    with atomic_open(path, "wb", before_replace=rotate) as f:
+        torch.save(obj, f)
     return path
 
 
@@ -91,11 +54,12 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    from models.weights import load_failure_reason, torch_load_quiet
+
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated zip, garbage, wrong file type
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {first}") from None
+        ckpt = torch_load_quiet(path)
+    except Exception as e:  # noqa: BLE001 - truncated zip, garbage, wrong file type, foreign pickle
+        raise CheckpointError(f"checkpoint {path} {load_failure_reason(path, e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a training checkpoint of this project "
                               f"(use model.init_checkpoint to start from foreign weights)")

@@ -1,12 +1,19 @@
-"""Shared command-line plumbing for ``train_imagenet.py`` / ``eval_imagenet.py``: one-line errors, exit codes."""
+"""Shared command-line plumbing for ``train_imagenet.py`` / ``eval_imagenet.py``: one-line errors, exit codes.
+
+Every expected failure ends the process with one ``error: ...`` line on stderr and exit code 2, never a
+traceback. Under DDP (torchrun) every rank ends with one line: the failing rank prints its error (with
+``(rank R)`` when R > 0), the others ``error: stopped: rank R failed (rank r)``. Errors that are the same on
+every rank (config, run directory in use, structural change on resume) are printed once, by rank 0.
+"""
 from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from typing import Callable
 
-EXIT_ERROR = 2       # bad input (config, data, checkpoint) or a stopped run (non-finite loss)
+EXIT_ERROR = 2       # bad input (config, data, checkpoint), a full disk, or a stopped run (non-finite loss)
 EXIT_KILLED = 137    # debug.kill_after_steps (what a SIGKILL-ed process reports)
 
 _PREFIX = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
@@ -23,21 +30,46 @@ def one_line(exc: BaseException) -> str:
     return _PREFIX.sub("", line.strip())
 
 
+def _is_collective_failure(exc: BaseException) -> bool:
+    """A broken collective: another rank left the job (gloo: connection closed/reset; NCCL: a DistError)."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(s in text for s in ("gloo", "Connection closed", "Connection reset",
+                                                                     "NCCL", "Broken pipe"))
+
+
 def run_guarded(fn: Callable[[], int | None]) -> int:
     """Run ``fn``; turn the project's expected failures into ``error: ...`` on stderr and exit code 2."""
+    from engine import distributed as dist_lib
     from engine.checkpoint import CheckpointError
     from engine.config import ConfigError
     from engine.data import CorruptImageError, DataError
+    from engine.fileio import WriteError
     from engine.trainer import NonFiniteLossError, SimulatedKill
 
-    expected = (ConfigError, DataError, CorruptImageError, CheckpointError, NonFiniteLossError)
+    expected = (ConfigError, DataError, CorruptImageError, CheckpointError, NonFiniteLossError, WriteError)
     rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    where = f" (rank {rank})" if rank else ""
+
+    def quiet_exit() -> None:
+        # torchrun stops the other workers with SIGTERM as soon as one exits non-zero: finish the one line.
+        if world > 1:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
     try:
         return fn() or 0
     except expected as e:
+        quiet_exit()
         # Config errors are identical on every rank; data errors may differ, so every rank reports those.
-        if rank == 0 or not isinstance(e, ConfigError):
-            where = f" (rank {rank})" if rank else ""
+        if isinstance(e, ConfigError):
+            if rank == 0:
+                print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        else:
+            dist_lib.announce_failure(rank)
             print(f"error: {one_line(e)}{where}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     except SimulatedKill as e:
@@ -46,3 +78,14 @@ def run_guarded(fn: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
         return 130
+    except Exception as e:  # noqa: BLE001 - only a broken collective is handled; anything else is a bug
+        if world <= 1 or not _is_collective_failure(e):
+            raise
+        quiet_exit()
+        failed = dist_lib.failed_rank()
+        if failed is not None and failed != rank:
+            print(f"error: stopped: rank {failed} failed{where}", file=sys.stderr, flush=True)
+        else:
+            print(f"error: stopped: another rank left the job ({one_line(e)[:160]}){where}", file=sys.stderr,
+                  flush=True)
+        return EXIT_ERROR

@@ -418,10 +418,9 @@ def dump_config(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (atomically, so a crash never leaves half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dump_config(cfg))
-    tmp.replace(path)
+    from engine.fileio import atomic_write_text  # the engine's one atomic writer
+
+    atomic_write_text(path, dump_config(cfg))
 
 
 def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -73,6 +74,7 @@ def all_gather_object(obj):
 
 
 def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself without a process group)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [obj]
         dist.broadcast_object_list(box, src=src)
@@ -86,3 +88,56 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         for buf in module.buffers():
             dist.broadcast(buf, src)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which rank failed: when one rank stops on an error, the others only see a broken collective. The failing rank
+# records its rank in the job's key-value store (torchrun's agent hosts it at MASTER_ADDR:MASTER_PORT and
+# outlives every worker), so that the others can say "stopped: rank R failed" instead of a gloo/NCCL traceback.
+
+def _failure_key() -> str:
+    return (f"fcanet/failed_rank/{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}/"
+            f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+
+
+def _job_store(timeout_s: float) -> "dist.TCPStore | None":
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return None
+    try:
+        return dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=timeout_s),
+                             wait_for_workers=False)
+    except (RuntimeError, ValueError, OSError):  # the store is gone (its host process ended)
+        return None
+
+
+def announce_failure(rank: int) -> None:
+    """Record that ``rank`` stopped on an error (best effort; the first failing rank wins)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    store = _job_store(timeout_s=5.0)
+    if store is None:
+        return
+    try:
+        store.compare_set(_failure_key(), "", str(rank))
+    except (RuntimeError, ValueError, OSError):
+        pass
+
+
+def failed_rank(wait_s: float = 3.0) -> int | None:
+    """The rank recorded by :func:`announce_failure` in this job, or None (none recorded, or no store)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    store = _job_store(timeout_s=5.0)
+    if store is None:
+        return None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if store.check([_failure_key()]):
+                return int(store.get(_failure_key()).decode())
+        except (RuntimeError, ValueError, OSError):
+            return None
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)

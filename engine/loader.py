@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .transforms import to_model_input
 
 DEFAULT_PREFETCH_FACTOR = 4
 
@@ -80,3 +82,57 @@ def build_dataloader(dataset: Dataset, batch_size: Optional[int] = None, sampler
         kwargs.update(batch_size=batch_size, sampler=sampler, shuffle=shuffle, drop_last=drop_last)
     return DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda" and torch.cuda.is_available(),
                       collate_fn=collate_fn, **kwargs)
+
+
+class DevicePrefetcher:
+    """Iterate ``(images, targets)`` batches of ``loader`` as model-ready tensors on ``device``.
+
+    On CUDA the copy and uint8 -> normalized float conversion of the next batch run on a side stream, and
+    the consumer stream waits on an event (no host synchronization); tensors are marked with
+    ``record_stream`` so the caching allocator does not reuse them early. Elsewhere batches are converted
+    synchronously. Extra items of a batch (e.g. indices) are moved to the device unchanged.
+    """
+
+    def __init__(self, loader: Any, device: Any, channels_last: bool = False):
+        self.loader, self.device, self.channels_last = loader, torch.device(device), channels_last
+        self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _convert(self, batch: Any) -> Any:
+        images, *rest = batch
+        if images is not None:  # None: a batch whose files were all skipped as corrupt (engine.data.collate)
+            images = to_model_input(images, self.device, self.channels_last)
+        rest = [r.to(self.device, non_blocking=True) if torch.is_tensor(r) else r for r in rest]
+        return (images, *rest)
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self._cuda:
+            for batch in self.loader:
+                yield self._convert(batch)
+            return
+        stream = torch.cuda.Stream(device=self.device)
+        it = iter(self.loader)
+
+        def preload():
+            try:
+                batch = next(it)
+            except StopIteration:
+                return None
+            with torch.cuda.stream(stream):
+                out = self._convert(batch)
+            event = torch.cuda.Event()
+            event.record(stream)
+            return out, event
+
+        nxt = preload()
+        while nxt is not None:
+            out, event = nxt
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            for t in out:
+                if torch.is_tensor(t):
+                    t.record_stream(current)
+            nxt = preload()
+            yield out

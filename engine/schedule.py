@@ -1,11 +1,13 @@
 """Learning-rate recipe as pure functions (the authors' code: linear scaling, linear warmup, cosine to 0).
 
-The schedule is stepped once per optimizer step (per iteration, not per epoch). ``step`` counts the
-optimizer steps already taken: the lr used for the first step is ``lr_factor(0, ...)``.
+The lr is set before every optimizer step (per iteration, not per epoch) from :class:`WarmupCosineSchedule`,
+a pure function of the step, as ffcv's ImageNet example does. ``step`` counts the optimizer steps already
+taken: the lr used for the first step is ``lr_factor(0, ...)``.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -40,38 +42,36 @@ def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int) -> flo
     return peak_lr * lr_factor(step, warmup_steps, total_steps)
 
 
-class WarmupCosine:
-    """Picklable ``LambdaLR`` multiplier (a plain closure would not survive ``state_dict``)."""
+@dataclass(frozen=True)
+class WarmupCosineSchedule:
+    """The run's lr as a pure function of the optimizer step (no scheduler state to save or patch on resume:
+    a resumed run simply continues at ``global_step``, with the shape taken from the current config).
 
-    def __init__(self, warmup_steps: int, total_steps: int):
-        lr_factor(0, warmup_steps, total_steps)  # validate now, not at the first step
-        self.warmup_steps = warmup_steps
-        self.total_steps = total_steps
+    Args:
+        peak_lr: lr at the end of warmup (``scaled_lr(base_lr, global_batch)``).
+        warmup_steps: linear warmup length in optimizer steps.
+        total_steps: steps of the whole run (``steps_per_epoch * epochs``); the cosine reaches 0 there.
+    """
+    peak_lr: float
+    warmup_steps: int
+    total_steps: int
 
-    def __call__(self, step: int) -> float:
-        return lr_factor(step, self.warmup_steps, self.total_steps)
+    def __post_init__(self):
+        lr_factor(0, self.warmup_steps, self.total_steps)  # validate now, not at the first step
 
+    @classmethod
+    def from_epochs(cls, peak_lr: float, steps_per_epoch: int, epochs: int,
+                    warmup_epochs: float) -> "WarmupCosineSchedule":
+        total = steps_per_epoch * epochs
+        return cls(peak_lr, min(total, int(round(warmup_epochs * steps_per_epoch))), total)
 
-def _warmup_cosine(steps_per_epoch: int, epochs: int, warmup_epochs: float) -> WarmupCosine:
-    total = steps_per_epoch * epochs
-    return WarmupCosine(min(total, int(round(warmup_epochs * steps_per_epoch))), total)
+    def lr(self, step: int) -> float:
+        """The lr of optimizer step ``step`` (0-based: the steps already taken)."""
+        return lr_at(step, self.peak_lr, self.warmup_steps, self.total_steps)
 
-
-def build_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int,
-                    warmup_epochs: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-iteration warmup + cosine as a torch ``LambdaLR`` over the optimizer's (peak) lr."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps_per_epoch, epochs, warmup_epochs))
-
-
-def reshape_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, peak_lr: float, steps_per_epoch: int,
-                     epochs: int, warmup_epochs: float) -> None:
-    """After ``load_state_dict`` on resume: keep the step count but take the schedule's shape (epochs,
-    warmup, peak lr) from the current config, so that e.g. extending ``train.epochs`` really trains on
-    instead of running the extra epochs at lr 0. With an unchanged config the lrs are bit-identical."""
-    scheduler.lr_lambdas = [_warmup_cosine(steps_per_epoch, epochs, warmup_epochs) for _ in scheduler.lr_lambdas]
-    scheduler.base_lrs = [peak_lr for _ in scheduler.base_lrs]
-    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
-        group["lr"] = lr
-        group["initial_lr"] = peak_lr
-    scheduler._last_lr = lrs
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set every param group's lr for optimizer step ``step``; returns it."""
+        lr = self.lr(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr

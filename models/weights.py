@@ -10,6 +10,10 @@ attention model is initialised from a plain ResNet for the ablation fine-tunes (
 from __future__ import annotations
 
 import os
+import pickletools
+import re
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence, Union
 
@@ -39,6 +43,75 @@ class LoadReport:
                 f"{len(self.ignored)} ignored, {len(self.unexpected)} unexpected")
 
 
+_FOREIGN_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _pickle_globals(data: bytes) -> list[str]:
+    """``module.name`` of every global a pickle stream imports (GLOBAL / STACK_GLOBAL), read without executing
+    anything. Stops quietly at the first malformed opcode (garbage, or a truncated stream)."""
+    found, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # noqa: BLE001 - not (entirely) a pickle
+        pass
+    return found
+
+
+def torch_load_quiet(path: Union[str, os.PathLike]) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU, without the warning a plain (non-torch) pickle
+    triggers (the failure is then explained by :func:`load_failure_reason`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_failure_reason(path: Union[str, os.PathLike], exc: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, as one line for the user.
+
+    ``not a PyTorch checkpoint`` (any other file), ``truncated or corrupt (...)`` (a damaged torch zip),
+    ``contains non-tensor Python objects (e.g. io.open); refusing to unpickle untrusted code`` (a pickle of
+    arbitrary objects). PyTorch's own message is not passed on: it suggests ``weights_only=False``, which
+    would execute whatever code the file carries.
+    """
+    message = _ANSI.sub("", str(exc))
+    match = _FOREIGN_GLOBAL.search(message)
+    foreign = [match.group(1)] if match else []
+    is_zip = zipfile.is_zipfile(path)
+    if not foreign:
+        try:
+            if is_zip:
+                with zipfile.ZipFile(path) as zf:
+                    data = next((zf.read(n) for n in zf.namelist() if n.endswith("data.pkl")), b"")
+            else:
+                with open(path, "rb") as f:
+                    data = f.read(1 << 20)
+            foreign = [g for g in _pickle_globals(data) if not g.startswith(("torch.", "collections.OrderedDict"))]
+        except (OSError, zipfile.BadZipFile, KeyError, RuntimeError):
+            pass
+    if foreign:
+        return f"contains non-tensor Python objects (e.g. {foreign[0]}); refusing to unpickle untrusted code"
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if size == 0:
+        return "is empty, not a PyTorch checkpoint"
+    if is_zip or head.startswith(b"PK\x03\x04"):
+        detail = message.strip().splitlines()[0].split(". ")[0] if message.strip() else type(exc).__name__
+        detail = detail.replace("PytorchStreamReader ", "")
+        return f"is truncated or corrupt ({detail[:120]})"
+    return "is not a PyTorch checkpoint"
+
+
 def read_state_dict(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Load ``source`` (path or mapping) and normalise it to a flat ``{key: tensor}`` with prefixes removed."""
     if isinstance(source, (str, os.PathLike)):
@@ -47,10 +120,9 @@ def read_state_dict(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]])
             raise FileNotFoundError(f"checkpoint not found: {path}")
         try:
             # weights_only: never execute code from a downloaded checkpoint.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch_load_quiet(path)
         except Exception as e:  # truncated file, not a torch file, or pickled objects
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"cannot read checkpoint {path}: {first}") from None
+            raise ValueError(f"checkpoint {path} {load_failure_reason(path, e)}") from None
     else:
         obj = source
     while isinstance(obj, Mapping):

@@ -37,7 +37,8 @@ def test_exact_eval_is_identical_for_world_sizes_1_2_3(trained, tmp_path):
     results = {}
     for world in (1, 2, 3):
         args = ["--config", str(BASE_CONFIG), "--checkpoint", str(out / "checkpoints/last.pth"),
-                "--output", str(tmp_path / f"eval{world}.json")] + tiny_overrides(data, out, **{"data.val_batch_size": 2})
+                "--output", str(tmp_path / f"eval{world}.json")]
+        args += tiny_overrides(data, out, **{"data.val_batch_size": 2})
         if world == 1:
             proc = subprocess.run([sys.executable, str(ROOT / "eval_imagenet.py")] + args, cwd=ROOT,
                                   env=subprocess_env(), capture_output=True, text=True, timeout=120)

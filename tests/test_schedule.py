@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from engine.schedule import build_scheduler, lr_at, lr_factor, scaled_lr
+from engine.schedule import WarmupCosineSchedule, lr_at, lr_factor, scaled_lr
 
 
 def test_linear_scaling():
@@ -34,28 +34,20 @@ def test_warmup_then_cosine_values():
         lr_factor(0, 11, 10)
 
 
-def test_torch_scheduler_follows_pure_function_per_iteration():
+def test_schedule_sets_the_lr_of_every_step_and_resumes_by_step_alone():
     p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=0.4)
-    sched = build_scheduler(opt, steps_per_epoch=10, epochs=4, warmup_epochs=1)
+    opt = torch.optim.SGD([{"params": [p]}, {"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=123.0)
+    sched = WarmupCosineSchedule.from_epochs(0.4, steps_per_epoch=10, epochs=4, warmup_epochs=1)
+    assert (sched.warmup_steps, sched.total_steps) == (10, 40)
     seen = []
-    for _ in range(40):
+    for step in range(40):
+        assert sched.apply(opt, step) == opt.param_groups[0]["lr"] == opt.param_groups[1]["lr"]
         seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert seen == pytest.approx([lr_at(s, 0.4, 10, 40) for s in range(40)])
-    # state_dict round trip continues the same schedule (resume)
-    opt2 = torch.optim.SGD([p], lr=0.4)
-    sched2 = build_scheduler(opt2, steps_per_epoch=10, epochs=4, warmup_epochs=1)
-    p2 = torch.nn.Parameter(torch.zeros(1))
-    opt3 = torch.optim.SGD([p2], lr=0.4)
-    sched3 = build_scheduler(opt3, 10, 4, 1)
-    for _ in range(17):
-        opt3.step()
-        sched3.step()
-    opt2.load_state_dict(opt3.state_dict())
-    sched2.load_state_dict(sched3.state_dict())
-    assert opt2.param_groups[0]["lr"] == pytest.approx(lr_at(17, 0.4, 10, 40))
-    opt2.step()
-    sched2.step()
-    assert opt2.param_groups[0]["lr"] == pytest.approx(lr_at(18, 0.4, 10, 40))
+    # bit-identical to the formula (what a LambdaLR over the peak lr computed): resume is exact
+    assert seen == [0.4 * lr_factor(s, 10, 40) for s in range(40)]
+    assert seen[9] == 0.4 and seen[10] == 0.4 and seen[39] > 0.0 and sched.lr(40) == 0.0
+    # a longer run resumed at step 17 continues on the new cosine (no scheduler state involved)
+    longer = WarmupCosineSchedule.from_epochs(0.4, 10, 8, 1)
+    assert longer.lr(17) == pytest.approx(lr_at(17, 0.4, 10, 80)) and longer.lr(17) > sched.lr(17)
+    with pytest.raises(ValueError):
+        WarmupCosineSchedule(0.1, warmup_steps=11, total_steps=10)

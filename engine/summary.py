@@ -1,0 +1,59 @@
+"""``summary.json``: the result of a finished run, the one file other tools read (``python -m ablation``).
+
+Declared once here. Keys are never renamed; new ones are added with a ``schema_version`` bump.
+Version history: 1 = the first declared schema (the keys before it, plus ``schema_version``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+SCHEMA_VERSION = 1
+FILE_NAME = "summary.json"
+
+
+@dataclass
+class RunSummary:
+    status: str                  # "complete" (only finished runs write a summary)
+    model: str                   # model.name
+    epochs: int                  # epochs trained
+    best_top1: float             # best val top-1 (%) over the evaluated epochs ...
+    best_epoch: int              # ... and its epoch (1-based)
+    final_top1: Optional[float]  # val top-1 / top-5 (%) and loss of the last evaluated (= final) epoch
+    final_top5: Optional[float]
+    final_loss: Optional[float]
+    val_count: Optional[int]     # val images evaluated (every image exactly once)
+    global_steps: int
+    train_img_per_s: float       # training throughput over all ranks, evaluation excluded
+    wall_time_s: float           # over all sessions (resumes add up)
+    gpu_hours: float             # wall_time_s x GPUs (0 on CPU)
+    world_size: int
+    device: str                  # CUDA device name, or "cpu"
+    global_batch: int
+    peak_lr: float
+    git_commit: Optional[str]    # HEAD of this checkout ("-dirty" with local changes), None outside git
+    output_dir: str
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+
+KEYS = tuple(f.name for f in fields(RunSummary))
+
+
+def read_summary(path: str | Path) -> dict | None:
+    """A run directory's (or file's) summary as a dict; None if absent or unreadable (e.g. torn)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILE_NAME
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

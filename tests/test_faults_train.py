@@ -1,0 +1,455 @@
+"""Faults a user or an operator causes, driven through the real entry points (``train_imagenet.py``,
+``eval_imagenet.py``) as subprocesses on tiny generated data.
+
+Every refused case must end with exit status 2, exactly one ``error:`` line and no traceback, and leave every
+file that was there before byte-identical (nothing lost). Covered: run-directory ownership, structural changes
+on resume, a full disk, torn files (checkpoint, metrics, summary, config, temp files of an interrupted save),
+user errors under DDP at 2 processes, checkpoint garbage and foreign pickles, ``kill -9`` at random points
+followed by a bitwise-equal resume, SIGTERM under torchrun.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import BASE_CONFIG, ROOT, subprocess_env, tiny_overrides, write_tiny_imagefolder
+
+LOCK_FILES = ("train.lock", "train.lock.json")  # created and removed by every launch
+
+
+def cli(script: str, args: list[str], timeout: float = 180, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script)] + args, cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def train_args(data: Path, out: Path, **extra) -> list[str]:
+    return ["--config", str(BASE_CONFIG)] + tiny_overrides(data, out, **extra)
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train_imagenet.py")] + args
+    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in LOCK_FILES}
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+
+
+def assert_refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2, one ``error:`` line containing every needle, no traceback; returns the line."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "\x1b" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+def weights(out: Path) -> dict:
+    return torch.load(out / "checkpoints" / "last.pth", weights_only=True)
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_tiny_imagefolder(tmp_path_factory.mktemp("faults") / "data")
+
+
+# 24 train images / batch 4: 6 steps per epoch; a checkpoint every 2 steps (last.pth and last.prev.pth exist)
+ONE_EPOCH = {"train.epochs": 1, "train.checkpoint_every_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory) -> Path:
+    """A complete 1-epoch run (the subprocess entry point), copied by the tests that damage it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    proc = cli("train_imagenet.py", train_args(data, out, **ONE_EPOCH))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- run dir owner
+
+@pytest.mark.slow
+def test_second_trainer_on_a_run_directory_is_refused_naming_the_holder(data, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, str(ROOT / "train_imagenet.py")]
+                             + train_args(data, out, **{"train.epochs": 500}),
+                             cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith("start training"):
+                break
+        before = (out / "config.yaml").read_bytes()
+        second = cli("train_imagenet.py", train_args(data, out, **{"train.epochs": 500, "optim.base_lr": 0.5}))
+        line = assert_refused(second, f"run directory {out} is in use by pid {first.pid} on host",
+                              "choose another output_dir")
+        assert "started" in line
+        assert (out / "config.yaml").read_bytes() == before  # the refused launch wrote nothing
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err
+    assert not (out / "train.lock.json").exists()  # released on exit
+    metrics = out / "metrics.jsonl"
+    rows = [json.loads(r) for r in metrics.read_text().splitlines()] if metrics.exists() else []
+    assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))  # each epoch once
+
+
+def test_run_dir_lock_in_process(tmp_path):
+    from engine.runlock import RunDirInUseError, RunDirLock
+
+    notes = []
+    with RunDirLock(tmp_path, log=notes.append):
+        info = json.loads((tmp_path / "train.lock.json").read_text())
+        assert info["pid"] == os.getpid() and info["host"] and info["started"] <= time.time()
+        with pytest.raises(RunDirInUseError, match=rf"in use by pid {os.getpid()} on host"):
+            RunDirLock(tmp_path).acquire()
+    # a holder file left by a dead process (kill -9) does not block: the flock died with it
+    (tmp_path / "train.lock.json").write_text(json.dumps({"host": os.uname().nodename, "pid": 2 ** 22 + 7,
+                                                          "started": 0}))
+    with RunDirLock(tmp_path, log=notes.append):
+        assert json.loads((tmp_path / "train.lock.json").read_text())["pid"] == os.getpid()
+    assert any("taking over the run directory from pid 4194311" in n for n in notes)
+
+
+# ------------------------------------------------------------------------------------ structural change, reruns
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change, key", [
+    ({"model.num_classes": 4}, "model.num_classes"),
+    ({"model.name": "fcanet18"}, "model.name"),
+    ({"data.image_size": 48, "data.val_resize": 48}, "data.image_size"),
+    ({"model.kwargs": "{widths: [16, 16, 32, 64]}"}, "model.kwargs"),
+])
+def test_structural_change_on_resume_is_refused(data, run_copy, change, key):
+    before = checksums(run_copy)
+    proc = cli("train_imagenet.py", train_args(data, run_copy, **{**ONE_EPOCH, "train.epochs": 2, **change}))
+    assert_refused(proc, f"cannot resume {run_copy}/checkpoints/last.pth", key, "start a new run")
+    assert checksums(run_copy) == before
+
+
+@pytest.mark.slow
+def test_freq_on_a_model_without_fca_is_refused(data, tmp_path, finished):
+    proc = cli("train_imagenet.py", train_args(data, tmp_path / "r", **{"model.freq": "low4"}))
+    assert_refused(proc, "model.freq", "resnet18 has no frequency channel attention")
+    assert not (tmp_path / "r").exists()
+    proc = cli("eval_imagenet.py", train_args(data, tmp_path / "r", **{"model.freq": "low4"})
+               + ["--checkpoint", str(finished / "checkpoints/best.pth")])
+    assert_refused(proc, "model.freq")
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_run_says_so_and_changes_nothing(data, run_copy):
+    before = checksums(run_copy)
+    proc = cli("train_imagenet.py", train_args(data, run_copy, **ONE_EPOCH))
+    assert proc.returncode == 0, proc.stderr
+    assert "already complete" in proc.stdout and "choose a new output_dir" in proc.stdout
+    assert "start training" not in proc.stdout
+    assert checksums(run_copy) == before
+
+
+@pytest.mark.slow
+def test_failed_relaunch_keeps_config_and_a_changed_one_is_versioned(data, run_copy):
+    before = checksums(run_copy)
+    # lr 1e30: the loss diverges at once; the run stops before any checkpoint of the new config
+    proc = cli("train_imagenet.py", train_args(data, run_copy, **{**ONE_EPOCH, "train.epochs": 2,
+                                                                  "optim.base_lr": 1e30}))
+    assert_refused(proc, "non-finite training loss")
+    assert checksums(run_copy) == before
+    # a relaunch that really trains on: config.yaml describes the new weights, the old one is kept
+    proc = cli("train_imagenet.py", train_args(data, run_copy, **{**ONE_EPOCH, "train.epochs": 2}))
+    assert proc.returncode == 0, proc.stderr
+    old = (run_copy / "config.1.yaml").read_text()
+    assert hashlib.sha256(old.encode()).hexdigest() == before["config.yaml"]
+    assert "epochs: 2" in (run_copy / "config.yaml").read_text() and "epochs: 1" in old
+
+
+# ---------------------------------------------------------------------------------------------------- disk full
+
+def _mount_tmpfs(path: Path, size_kb: int) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_disk_full_while_checkpointing_is_one_line_and_loses_nothing(data, finished, tmp_path):
+    mnt = tmp_path / "mnt"
+    if not _mount_tmpfs(mnt, 4096):
+        pytest.skip("cannot mount a tmpfs here (needs root); test_injected_enospc covers the same path")
+    try:
+        out = mnt / "run"
+        shutil.copytree(finished, out)
+        st = os.statvfs(mnt)
+        free = st.f_bavail * st.f_frsize
+        (mnt / "filler").write_bytes(b"\0" * max(free - 48 * 1024, 0))  # room for a metrics row, not a checkpoint
+        before = {k: v for k, v in checksums(out).items() if k != "metrics.jsonl"}
+        proc = cli("train_imagenet.py", train_args(data, out, **{**ONE_EPOCH, "train.epochs": 2}))
+        line = assert_refused(proc, f"cannot write {out}/checkpoints/", "[Errno 28] No space left on device")
+        assert "inline_container" not in line
+        after = checksums(out)
+        assert {k: after[k] for k in before} == before                  # every checkpoint intact
+        assert not [p for p in (out / "checkpoints").iterdir() if ".tmp" in p.name]  # no partial file left
+        (mnt / "filler").unlink()
+        proc = cli("train_imagenet.py", train_args(data, out, **{**ONE_EPOCH, "train.epochs": 2}))
+        assert proc.returncode == 0, proc.stderr
+        rows = [json.loads(r)["epoch"] for r in (out / "metrics.jsonl").read_text().splitlines()]
+        assert rows == [1, 2]  # the row of the failed session was dropped on resume
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_injected_enospc_names_path_and_errno(data, run_copy, monkeypatch, capsys):
+    """The same failure without a real full disk: torch.save reports ENOSPC the way it does (a RuntimeError
+    from the zip writer, raised while handling the OSError)."""
+    from train_imagenet import main
+
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            f.write(b"PK\x03\x04partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    before = {k: v for k, v in checksums(run_copy).items() if k != "metrics.jsonl"}
+    monkeypatch.setattr(torch, "save", full_disk)
+    rc = main(train_args(data, run_copy, **{**ONE_EPOCH, "train.epochs": 2}))
+    monkeypatch.setattr(torch, "save", real_save)
+    err = capsys.readouterr().err
+    assert rc == 2 and len(error_lines(err)) == 1 and "Traceback" not in err
+    assert f"cannot write {run_copy}/checkpoints/" in err and "[Errno 28] No space left on device" in err
+    after = checksums(run_copy)
+    assert {k: after[k] for k in before} == before
+    assert not [p for p in (run_copy / "checkpoints").iterdir() if ".tmp" in p.name]
+
+
+# --------------------------------------------------------------------------------------------------- torn files
+
+@pytest.mark.slow
+def test_torn_last_checkpoint_falls_back_bitwise(data, tmp_path):
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert cli("train_imagenet.py", train_args(data, ref, **{**ONE_EPOCH, "train.epochs": 2})).returncode == 0
+    proc = cli("train_imagenet.py", train_args(data, out, **{**ONE_EPOCH, "train.epochs": 2,
+                                                             "debug.kill_after_steps": 9}))
+    assert proc.returncode == 137
+    last = out / "checkpoints/last.pth"
+    last.write_bytes(last.read_bytes()[:1000])  # torn: step 8's checkpoint; last.prev.pth holds step 6
+    proc = cli("train_imagenet.py", train_args(data, out, **{**ONE_EPOCH, "train.epochs": 2}))
+    assert proc.returncode == 0, proc.stderr
+    assert "last.pth is truncated or corrupt" in proc.stdout and "resumed from" in proc.stdout
+    assert (out / "checkpoints/last.corrupt.pth").exists()  # kept for inspection
+    assert_bitwise_equal(weights(out), weights(ref))
+
+
+@pytest.mark.slow
+def test_torn_metrics_summary_config_and_temp_files(data, run_copy):
+    good_summary = json.loads((run_copy / "summary.json").read_text())
+    # an interrupted save of the previous session left temp files; a crash tore the other files
+    (run_copy / "checkpoints/.last.pth.tmp4242").write_bytes(b"PK\x03\x04part")
+    (run_copy / "checkpoints/..last.pth.new4242.tmp4242").write_bytes(b"PK")  # the older naming
+    (run_copy / ".summary.json.tmp4242").write_text("{")
+    (run_copy / "summary.json").write_text('{"status": "comp')
+    # a rerun of the complete run rewrites the torn summary from the checkpoint, and removes the temp files
+    proc = cli("train_imagenet.py", train_args(data, run_copy, **ONE_EPOCH))
+    assert proc.returncode == 0, proc.stderr
+    assert "removed 2 partial file(s)" in proc.stdout and "removed 1 partial file(s)" in proc.stdout
+    assert not [p for p in run_copy.rglob("*") if ".tmp" in p.name]
+    summary = json.loads((run_copy / "summary.json").read_text())
+    for key in ("best_top1", "final_top1", "final_top5", "epochs", "global_steps", "val_count"):
+        assert summary[key] == good_summary[key], key
+    assert summary["schema_version"] == 1
+    # torn metrics.jsonl and config.yaml: training on drops the torn row (with a warning), keeps the torn config
+    with open(run_copy / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "train_lo')
+    (run_copy / "config.yaml").write_text("model:\n  name: resn")
+    proc = cli("train_imagenet.py", train_args(data, run_copy, **{**ONE_EPOCH, "train.epochs": 2}))
+    assert proc.returncode == 0, proc.stderr
+    assert "dropping a torn last line" in proc.stdout
+    assert [json.loads(r)["epoch"] for r in (run_copy / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (run_copy / "config.1.yaml").read_text() == "model:\n  name: resn"
+    from engine.config import load_config
+    assert load_config(run_copy / "config.yaml").train.epochs == 2
+
+
+# ------------------------------------------------------------------------------------- checkpoints from outside
+
+def _foreign_files(folder: Path, marker: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+
+    class Opens:  # unpickling it would call open(marker, "w"): the marker file must never appear
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    files = {"random": folder / "random.pth", "pickle": folder / "pickle.pth", "torch_pickle": folder / "tp.pth",
+             "empty": folder / "empty.pth", "truncated": folder / "trunc.pth"}
+    files["random"].write_bytes(random.Random(0).randbytes(4096))
+    files["pickle"].write_bytes(pickle.dumps({"model": Opens()}))
+    torch.save({"model": {"w": torch.zeros(2)}, "extra": Opens()}, files["torch_pickle"])
+    files["empty"].write_bytes(b"")
+    buf = folder / "whole.pth"
+    torch.save({"w": torch.zeros(1000)}, buf)
+    files["truncated"].write_bytes(buf.read_bytes()[:2000])
+    return files
+
+
+EXPECTED = {"random": "is not a PyTorch checkpoint", "empty": "is empty, not a PyTorch checkpoint",
+            "pickle": "contains non-tensor Python objects (e.g. io.open); refusing to unpickle untrusted code",
+            "torch_pickle": "contains non-tensor Python objects (e.g. io.open); refusing to unpickle untrusted code",
+            "truncated": "is truncated or corrupt"}
+
+
+def test_checkpoint_garbage_and_foreign_pickles_in_process(tmp_path):
+    from engine.checkpoint import CheckpointError, load_checkpoint
+    from models import read_state_dict
+
+    marker = tmp_path / "pwned"
+    for kind, path in _foreign_files(tmp_path, marker).items():
+        for loader, exc in ((load_checkpoint, CheckpointError), (read_state_dict, ValueError)):
+            with pytest.raises(exc) as info:
+                loader(path)
+            msg = str(info.value)
+            assert msg == f"checkpoint {path} {EXPECTED[kind]}" or (kind == "truncated" and EXPECTED[kind] in msg), msg
+            assert "weights_only" not in msg and "\x1b" not in msg and "\n" not in msg
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_checkpoint_garbage_through_the_entry_points(data, finished, tmp_path):
+    marker = tmp_path / "pwned"
+    files = _foreign_files(tmp_path / "files", marker)
+    for kind in ("random", "pickle", "torch_pickle"):
+        proc = cli("eval_imagenet.py", train_args(data, tmp_path / "e") + ["--checkpoint", str(files[kind])])
+        assert_refused(proc, f"--checkpoint: checkpoint {files[kind]} {EXPECTED[kind]}")
+        assert "weights_only" not in proc.stderr
+    out = tmp_path / "resume"
+    proc = cli("train_imagenet.py", train_args(data, out) + ["--resume", str(files["pickle"])])
+    assert_refused(proc, f"checkpoint {files['pickle']} contains non-tensor Python objects")
+    proc = cli("train_imagenet.py", train_args(data, out, **{"model.init_checkpoint": str(files["random"])}))
+    assert_refused(proc, "model.init_checkpoint", "is not a PyTorch checkpoint")
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------- kill -9
+
+@pytest.mark.slow
+def test_several_kill_9_at_random_points_then_resume_is_bitwise_equal(data, tmp_path):
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    settings = {"train.epochs": 4, "train.checkpoint_every_steps": 1, "train.log_every_steps": 1}
+    assert cli("train_imagenet.py", train_args(data, ref, **settings)).returncode == 0
+    rng = random.Random(1234)
+    kills, took_over = 0, False
+    for attempt in range(4):
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train_imagenet.py")] + train_args(data, out, **settings),
+                                cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(("start training", "epoch ")):
+                time.sleep(rng.uniform(0.0, 0.4))  # somewhere in the steps / checkpoint writes that follow
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        took_over |= any("taking over the run directory" in ln for ln in lines)
+        kills += proc.returncode == -signal.SIGKILL
+    assert kills >= 3
+    assert took_over  # the holder file of a killed trainer did not block its successor
+    proc = cli("train_imagenet.py", train_args(data, out, **settings))
+    assert proc.returncode == 0, proc.stderr
+    assert_bitwise_equal(weights(out), weights(ref))
+    assert json.loads((out / "summary.json").read_text())["final_top1"] == \
+        json.loads((ref / "summary.json").read_text())["final_top1"]
+    assert [json.loads(r)["epoch"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------------------------------ DDP
+
+@pytest.mark.slow
+def test_ddp_user_error_on_one_rank_ends_every_rank_with_one_line(data, tmp_path):
+    bad = tmp_path / "data"
+    shutil.copytree(data, bad)
+    (bad / "train/class0/000.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")  # read in the first batches
+    out = tmp_path / "run"
+    t0 = time.time()
+    proc = torchrun(2, train_args(bad, out, **{"train.batch_size": 3, "train.epochs": 1}))
+    assert time.time() - t0 < 120  # no hang
+    assert proc.returncode != 0
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 2, proc.stderr
+    failing = [e for e in errors if "corrupt or unreadable image" in e and "000.png" in e]
+    stopped = [e for e in errors if e.startswith("error: stopped: rank ")]
+    assert len(failing) == 1 and len(stopped) == 1, errors
+    failed_rank = 1 if failing[0].endswith("(rank 1)") else 0
+    assert stopped[0] == f"error: stopped: rank {failed_rank} failed" + (" (rank 1)" if failed_rank == 0 else "")
+    # no worker traceback: only torchrun's own ChildFailedError report (its frames are torch/distributed's)
+    frames = [ln for ln in proc.stderr.splitlines() if ln.strip().startswith("File ")]
+    assert all("torch/distributed" in f or "<frozen runpy>" in f for f in frames), frames
+    assert "gloo" not in proc.stderr.lower()
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_checkpoints_every_worker(data, tmp_path):
+    """What torchrun does on SIGTERM (documented in the README): it forwards SIGTERM to the workers, which
+    checkpoint and exit 0, then torchrun itself exits 1 (``SignalException``)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_imagenet.py")] + train_args(data, out, **{"train.batch_size": 3, "train.epochs": 300})
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 2/"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    assert "SIGTERM received: checkpointed at epoch" in rest and "exiting for requeue" in rest
+    assert "SignalException" in err and not error_lines(err)
+    ck = weights(out)
+    assert ck["global_step"] >= 8 and len(ck["rng"]) == 2 and not (out / "summary.json").exists()
+    assert not (out / "train.lock.json").exists()
