@@ -70,10 +70,33 @@ def test_compile_matches_eager_aot(kind, block, channels_last):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_compile_matches_eager_inductor_fcanet(channels_last):
-    # inductor reorders and fuses fp32 reductions: a slightly looser tolerance than aot_eager
-    _compare("fca", "basic", channels_last, "inductor", tol=1e-3)
+def test_compile_bf16_autocast_within_dtype_error():
+    """Under bf16 autocast, compiled and eager differ by less than bf16 eager differs from fp32: the
+    "dtype's tolerance", measured rather than guessed (batch-statistics BN over 4 samples amplifies bf16
+    rounding in the first layers' weight gradients)."""
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)).contiguous(
+        memory_format=torch.channels_last)
+
+    def run(bf16: bool, backend: str | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model = tiny("fca", "bottleneck").to(memory_format=torch.channels_last)
+        fwd = _fresh_compile(model, backend) if backend else model
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = fwd(x)
+        y.float().sum().backward()
+        return y.float().detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    (y32, g32), (ye, ge), (yc, gc) = run(False, None), run(True, None), run(True, "aot_eager")
+    assert (yc - ye).abs().max() <= (ye - y32).abs().max() + 1e-6
+    for name in g32:
+        dtype_err = (ge[name] - g32[name]).abs().max()
+        assert (gc[name] - ge[name]).abs().max() <= dtype_err + 1e-6, name
+
+
+@pytest.mark.slow
+def test_compile_matches_eager_inductor_fcanet():
+    """Code generation too (C++ kernels on CPU: minutes on 2 cores), channels_last: the reported failure.
+    Inductor reorders and fuses fp32 reductions: a slightly looser tolerance than aot_eager."""
+    _compare("fca", "basic", True, "inductor", tol=1e-3)
 
 
 @pytest.mark.slow
