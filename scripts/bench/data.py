@@ -8,6 +8,7 @@ import argparse
 import shutil
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 

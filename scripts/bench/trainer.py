@@ -18,13 +18,13 @@ from .common import (ROOT, BenchError, device_args, jpeg_args, machine_descripti
 
 
 # --------------------------------------------------------------------------------------------- trainer
-def _model_kwargs(args) -> dict:
+def model_kwargs(args) -> dict:
     """Model options shared by both sides (``--widths``: a small network, so the input pipeline, not the
     model, bounds the step on CPU, as on a GPU node)."""
     return {"input_size": args.image_size, **({"widths": list(args.widths)} if args.widths else {})}
 
 
-def _reference_recipe_run(root: Path, args, device: torch.device, epochs: int) -> list[tuple[int, float]]:
+def reference_recipe_run(root: Path, args, device: torch.device, epochs: int) -> list[tuple[int, float]]:
     """The torchvision reference recipe's loop: ImageFolder + PIL + standard transforms, DataLoader with the
     same workers, the same model/batch/optimizer/loss; ``loss.item()`` logged every step as torchvision's
     ``references/classification/train.py`` does. Returns (images, seconds) per epoch."""
@@ -39,7 +39,7 @@ def _reference_recipe_run(root: Path, args, device: torch.device, epochs: int) -
     dl = torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=args.workers,
                                      pin_memory=device.type == "cuda", drop_last=True)
     torch.manual_seed(0)
-    model = create_model(args.model, num_classes=1000, **_model_kwargs(args)).to(device)
+    model = create_model(args.model, num_classes=1000, **model_kwargs(args)).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1 * args.batch / 256, momentum=0.9, weight_decay=1e-4)
@@ -65,7 +65,7 @@ def _reference_recipe_run(root: Path, args, device: torch.device, epochs: int) -
     return out
 
 
-def _our_trainer_run(root: Path, args, device: torch.device, epochs: int, pipeline: str, out_dir: Path,
+def our_trainer_run(root: Path, args, device: torch.device, epochs: int, pipeline: str, out_dir: Path,
                      extra: Sequence[str] = ()) -> list[tuple[int, float]]:
     """Our trainer (``engine.trainer.fit``, the ImageNet base config) on the same data; per-epoch (images,
     seconds) from its ``metrics.jsonl`` (training time only, evaluation excluded). ``extra``: more config
@@ -74,14 +74,16 @@ def _our_trainer_run(root: Path, args, device: torch.device, epochs: int, pipeli
 
     from engine.config import load_config
     from engine.trainer import fit
-    kwargs = json.dumps(_model_kwargs(args))
-    overrides = [f"model.name={args.model}", "model.num_classes=1000", f"model.kwargs={kwargs}", f"train.epochs={epochs}",
+    kwargs = json.dumps(model_kwargs(args))
+    overrides = [f"model.name={args.model}", "model.num_classes=1000", f"model.kwargs={kwargs}",
+                 f"train.epochs={epochs}",
                  "train.warmup_epochs=0", f"train.batch_size={args.batch}",
                  f"train.amp={'bf16' if device.type == 'cuda' else repr('off')}",
                  f"train.channels_last={str(args.channels_last).lower()}", "train.checkpoint_every_steps=0",
                  "train.progress=false", "train.tensorboard=false", f"train.eval_every_epochs={epochs}",
                  f"data.root={root}", f"data.workers={args.workers}", f"data.pipeline={pipeline}",
-                 f"data.image_size={args.image_size}", f"data.val_resize={max(args.image_size, args.image_size * 8 // 7)}",
+                 f"data.image_size={args.image_size}",
+                 f"data.val_resize={max(args.image_size, args.image_size * 8 // 7)}",
                  f"output_dir={out_dir}", *extra]
     cfg = load_config(ROOT / "configs" / "base" / "imagenet.yaml", overrides)
     fit(cfg)
@@ -117,10 +119,10 @@ def run(args) -> None:
         for r in range(args.rounds):
             for v in variants:
                 if v == "reference recipe":
-                    per_epoch = _reference_recipe_run(root, args, device, epochs)
+                    per_epoch = reference_recipe_run(root, args, device, epochs)
                 else:
                     pipeline = "fast" if "fast" in v else "torchvision"
-                    per_epoch = _our_trainer_run(root, args, device, epochs, pipeline, tmp / f"run_{r}_{pipeline}")
+                    per_epoch = our_trainer_run(root, args, device, epochs, pipeline, tmp / f"run_{r}_{pipeline}")
                 timed = per_epoch[1:]
                 n, t = sum(e[0] for e in timed), sum(e[1] for e in timed)
                 res[v].append(n / t)
