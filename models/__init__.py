@@ -10,7 +10,8 @@ from .weights import LoadReport, load_weights, read_state_dict
 __all__ = ["create_model", "list_models", "load_weights", "read_state_dict", "count_params", "LoadReport",
            "ResNet", "AttentionConfig", "SE", "ECA", "FCA", "DCTPooling"]
 
-try:  # make timm.create_model('fcanet50') work once this package is imported
-    from . import _timm  # noqa: F401
-except ImportError:  # timm is optional
-    pass
+# ``timm.create_model('fcanet50')`` works once both this package and timm are imported, in either order;
+# timm itself (seconds of start-up) is not imported here.
+from ._timm import install_import_hook as _install_timm_hook  # noqa: E402
+
+_install_timm_hook()

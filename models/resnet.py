@@ -11,7 +11,7 @@ from typing import Literal, Sequence, Union
 import torch
 from torch import nn
 
-from .attention import ECA, FCA, SE
+from .attention import ECA, FCA, SE, attend_add
 from .dct import GRID, FrequencySpec, parse_frequencies
 
 AttentionKind = Literal["none", "se", "eca", "fca"]
@@ -85,8 +85,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.att(self.bn2(self.conv2(out)))
-        return self.relu(out + identity)
+        return self.relu(attend_add(self.att, self.bn2(self.conv2(out)), identity))
 
 
 class Bottleneck(nn.Module):
@@ -112,8 +111,7 @@ class Bottleneck(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.att(self.bn3(self.conv3(out)))
-        return self.relu(out + identity)
+        return self.relu(attend_add(self.att, self.bn3(self.conv3(out)), identity))
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}

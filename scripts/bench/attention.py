@@ -1,5 +1,4 @@
-#!/usr/bin/env python
-"""Channel-attention cost at the four ResNet-50 stage shapes, and whole-model training steps.
+"""``attention``: channel-attention cost at the four ResNet-50 stage shapes, and whole-model training steps.
 
 Measured side by side in one run (interleaved rounds, median):
 
@@ -8,35 +7,33 @@ Measured side by side in one run (interleaved rounds, median):
    ``y = torch.sum(x * dct_weight, dim=[2, 3])`` with a full C x H x W weight (written below: the thing
    we compare against);
 2. whole attention modules: ``SE``, ``FCA`` (ours) and FCA with the Fig. 3 pooling swapped in;
-3. a training step of ResNet-50, SENet-50 and FcaNet-50 (``scripts/benchmark.py``'s step: SGD + CE).
+3. a training step of ResNet-50, SENet-50 and FcaNet-50 (the ``train`` benchmark's step: SGD + CE).
 
 Forward+backward time (gradient w.r.t. the input, as inside a network) and peak memory of one
 forward+backward beyond the live input and output gradient. Peak memory: on CUDA,
 ``torch.cuda.max_memory_allocated`` minus the allocation before the step; on CPU, the maximum of the running
 sum of the CPU allocator's allocations and frees during the step, as recorded by ``torch.profiler`` with
 ``profile_memory=True`` (its ``[memory]`` events, i.e. tensor bytes, not RSS).
-
-    python scripts/bench_attention.py                 # writes results/benchmarks/attention.md
-    python scripts/bench_attention.py --quick         # smoke run, figures meaningless
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import statistics
-import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
 
-from benchmark import (ROOT, BenchError, interleaved_rates, machine_description, make_train_step,  # noqa: E402
-                       md_table, pick_device, step_clock, sync, write_report)
+from models.attention import FCA, SE
+from models.dct import parse_frequencies
 
-from models.attention import FCA, SE  # noqa: E402
-from models.dct import parse_frequencies  # noqa: E402
+from .common import (BenchError, device_args, interleaved_rates, machine_description, make_train_step, md_table,
+                     pick_device, report_args, resolve_precision, setup_threads, step_clock, sync, write_report)
 
-STAGES = ((256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7))
+
+STAGES = ((256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7))  # ResNet-50 at 224x224: (C, H, W)
+QUICK_STAGES = ((256, 14, 14), (2048, 7, 7))
 
 
 class Fig3Pooling(nn.Module):
@@ -174,12 +171,35 @@ def with_fig3_pooling(model: nn.Module) -> nn.Module:
     return model
 
 
+class _UnfusedResidual(nn.Module):
+    """Wraps a block's attention so that the block computes ``att(out) + identity`` as two passes (a product,
+    then a sum) instead of one ``addcmul``: the formulation before the scale rode on the residual add."""
+
+    def __init__(self, att: nn.Module):
+        super().__init__()
+        self.att = att
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.att(x)
+
+
+def with_unfused_residual(model: nn.Module) -> nn.Module:
+    """``model`` whose blocks scale, then add (same weights, same outputs up to rounding)."""
+    from models.resnet import BasicBlock, Bottleneck
+    for mod in model.modules():
+        if isinstance(mod, (BasicBlock, Bottleneck)):
+            mod.att = _UnfusedResidual(mod.att)
+    return model
+
+
 def bench_models(args, device: torch.device) -> tuple[str, dict]:
     from models import create_model
     builders = {"resnet50": lambda: create_model("resnet50", num_classes=args.num_classes),
                 "senet50": lambda: create_model("senet50", num_classes=args.num_classes),
                 "fcanet50": lambda: create_model("fcanet50", num_classes=args.num_classes),
                 "fcanet50 (Fig. 3 pooling)": lambda: with_fig3_pooling(
+                    create_model("fcanet50", num_classes=args.num_classes)),
+                "fcanet50 (scale, then add)": lambda: with_unfused_residual(
                     create_model("fcanet50", num_classes=args.num_classes))}
     names = list(builders)
     torch.manual_seed(0)
@@ -210,18 +230,83 @@ def bench_models(args, device: torch.device) -> tuple[str, dict]:
                       "step peak MiB", "peak vs FcaNet-50 (ours)"], rows)
     per_round = [s / f for s, f in zip(times["senet50"], times["fcanet50"])]
     return table, {"fca_vs_se": med["senet50"] / med["fcanet50"], "per_round": per_round,
-                   "fig3_speed": med["fcanet50 (Fig. 3 pooling)"] / med["fcanet50"]}
+                   "fig3_speed": med["fcanet50 (Fig. 3 pooling)"] / med["fcanet50"],
+                   "fused_speed": med["fcanet50 (scale, then add)"] / med["fcanet50"]}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
+    setup_threads(args.threads)
+    cuda = device.type == "cuda"
+    args.precision = resolve_precision(args.precision, device)
+    if args.channels_last is None:
+        args.channels_last = cuda
+    args.batch = args.batch or (32 if cuda else 8)
+    args.model_batch = args.model_batch or (64 if cuda else 8)
+    stages = STAGES
+    if args.quick:
+        args.batch, args.model_batch, args.image_size, args.num_classes = 2, 2, 32, 10
+        args.seconds, args.rounds, args.steps, args.warmup = 0.01, 1, 1, 1
+        stages = QUICK_STAGES
+    if min(args.batch, args.model_batch, args.rounds, args.steps) < 1 or args.seconds <= 0:
+        raise BenchError("--batch, --model-batch, --rounds, --steps must be >= 1 and --seconds > 0")
+    try:
+        k = len(parse_frequencies(args.freq))
+    except ValueError as e:
+        raise BenchError(f"--freq: {e}") from None
+    if any(c % k for c, _, _ in stages):
+        raise BenchError(f"--freq {args.freq}: k={k} frequencies must divide every stage's channel count")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    machine = machine_description(device)
+    print("\n".join(machine))
+    rows = []
+    for c, h, w in stages:
+        rows += bench_stage(c, h, w, args, device, dtype)
+    table = md_table(["stage (C,H,W)", "what", "implementation", "fwd+bwd ms (median)", "speed vs Fig. 3",
+                      "fwd peak MiB", "fwd peak vs Fig. 3", "fwd+bwd peak MiB", "fwd+bwd peak vs Fig. 3"], rows)
+    print("\n" + table)
+    mem_note = ("`torch.cuda.max_memory_allocated` minus the allocation before the call" if cuda else
+                "running sum of CPU allocator allocations/frees recorded by `torch.profiler(profile_memory=True)` "
+                "during the call, maximum")
+    body = (f"Stage benchmarks: batch {args.batch}, {args.precision}, channels_last {args.channels_last}, "
+            f"frequencies `{args.freq}`; time of forward + backward (gradient w.r.t. the input), "
+            f"each case runs ~{args.seconds:g}s in total, all cases of a stage interleaved in ~50 ms slices; time = "
+            f"{'wall clock' if cuda else 'process CPU time'} (torch threads {torch.get_num_threads()}). "
+            f"'speed vs Fig. 3' > 1 means faster than the reference. Peak memory beyond the live input "
+            f"({mem_note}): 'fwd peak' = the forward alone, including its output and the tensors autograd saves "
+            f"for backward (what stays alive across a network's forward) and transient temporaries; 'fwd+bwd "
+            f"peak' = forward + backward, including the input gradient (x-sized for every implementation).\n\n"
+            + table)
+    if not args.no_models:
+        mtable, stats = bench_models(args, device)
+        verdict = "within" if stats["fca_vs_se"] >= 0.97 else "NOT within"
+        body += (f"\n\n## Whole-model training step\n\nBatch {args.model_batch}, {args.image_size}x"
+                 f"{args.image_size}, {args.precision}, device {device}; {args.warmup} warm-up step(s), "
+                 f"{args.rounds} interleaved rounds of {args.steps} steps, median; time = "
+                 f"{'wall clock' if cuda else 'process CPU time'}.\n\n" + mtable +
+                 f"\n\nFcaNet-50 / SENet-50 throughput: **{stats['fca_vs_se']:.3f}** ({verdict} the 3% "
+                 f"target); per round: " + ", ".join(f"{v:.3f}" for v in stats["per_round"]) + ". "
+                 f"FcaNet-50 with our pooling vs the same model with the Fig. 3 pooling: "
+                 f"**{stats['fig3_speed']:.3f}x** the throughput; FcaNet-50 with the attention scale fused into the "
+                 f"residual add (ours) vs scale, then add: **{1 / stats['fused_speed']:.3f}x**. Step peak memory: "
+                 f"allocations during one training step beyond those live before it (weights, optimizer state), "
+                 f"measured as above.")
+        print("\n" + mtable + f"\nFcaNet-50 / SENet-50 throughput: {stats['fca_vs_se']:.3f}")
+    write_report(args.out, "attention.md", "Channel attention: FCA vs SE vs the paper's Fig. 3 formulation", machine,
+                 body, args.argv)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("attention", parents=[report_args(), device_args()], help="FCA vs SE vs Fig. 3 pooling per "
+                       "ResNet-50 stage, and whole-model steps", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(run=run, quick_overrides=None)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on CUDA only)")
     p.add_argument("--batch", type=int, default=None, help="batch of the stage benchmarks (default: 32 CUDA, 8 CPU)")
     p.add_argument("--freq", default="top16", help="FCA frequency selection")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
                    help="dtype of the stage benchmarks and autocast of the model steps (default: bf16 CUDA, fp32 CPU)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--seconds", type=float, default=2.0, help="measuring time per case (stages)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--model-batch", type=int, default=None, help="batch of the model steps (default: 64 CUDA, 8 CPU)")
@@ -230,77 +315,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=2, help="timed model steps per round")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-models", action="store_true", help="skip the whole-model steps")
-    p.add_argument("--out", default=None, help="report path (default results/benchmarks/attention.md)")
-    p.add_argument("--quick", action="store_true", help="tiny smoke run (figures meaningless)")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(argv)
-    try:
-        device = pick_device(args.device)
-        if args.threads < 0:
-            raise BenchError(f"--threads must be >= 0, got {args.threads}")
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        cuda = device.type == "cuda"
-        args.precision = args.precision or ("bf16" if cuda else "fp32")
-        if args.precision == "fp16" and not cuda:
-            raise BenchError("--precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
-        args.batch = args.batch or (32 if cuda else 8)
-        args.model_batch = args.model_batch or (64 if cuda else 8)
-        stages = STAGES
-        if args.quick:
-            args.batch, args.model_batch, args.image_size, args.num_classes = 2, 2, 32, 10
-            args.seconds, args.rounds, args.steps, args.warmup = 0.01, 1, 1, 1
-            stages = ((256, 14, 14), (2048, 7, 7))
-        if min(args.batch, args.model_batch, args.rounds, args.steps) < 1 or args.seconds <= 0:
-            raise BenchError("--batch, --model-batch, --rounds, --steps must be >= 1 and --seconds > 0")
-        try:
-            k = len(parse_frequencies(args.freq))
-        except ValueError as e:
-            raise BenchError(f"--freq: {e}") from None
-        if any(c % k for c, _, _ in stages):
-            raise BenchError(f"--freq {args.freq}: k={k} frequencies must divide every stage's channel count")
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-        machine = machine_description(device)
-        print("\n".join(machine))
-        rows = []
-        for c, h, w in stages:
-            rows += bench_stage(c, h, w, args, device, dtype)
-        table = md_table(["stage (C,H,W)", "what", "implementation", "fwd+bwd ms (median)", "speed vs Fig. 3",
-                          "fwd peak MiB", "fwd peak vs Fig. 3", "fwd+bwd peak MiB", "fwd+bwd peak vs Fig. 3"], rows)
-        print("\n" + table)
-        mem_note = ("`torch.cuda.max_memory_allocated` minus the allocation before the call" if cuda else
-                    "running sum of CPU allocator allocations/frees recorded by `torch.profiler(profile_memory=True)` "
-                    "during the call, maximum")
-        body = (f"Stage benchmarks: batch {args.batch}, {args.precision}, channels_last {args.channels_last}, "
-                f"frequencies `{args.freq}`; time of forward + backward (gradient w.r.t. the input), "
-                f"each case runs ~{args.seconds:g}s in total, all cases of a stage interleaved in ~50 ms slices; time = "
-                f"{'wall clock' if cuda else 'process CPU time'} (torch threads {torch.get_num_threads()}). "
-                f"'speed vs Fig. 3' > 1 means faster than the reference. Peak memory beyond the live input "
-                f"({mem_note}): 'fwd peak' = the forward alone, including its output and the tensors autograd saves "
-                f"for backward (what stays alive across a network's forward) and transient temporaries; 'fwd+bwd "
-                f"peak' = forward + backward, including the input gradient (x-sized for every implementation).\n\n"
-                + table)
-        if not args.no_models:
-            mtable, stats = bench_models(args, device)
-            verdict = "within" if stats["fca_vs_se"] >= 0.97 else "NOT within"
-            body += (f"\n\n## Whole-model training step\n\nBatch {args.model_batch}, {args.image_size}x"
-                     f"{args.image_size}, {args.precision}, device {device}; {args.warmup} warm-up step(s), "
-                     f"{args.rounds} interleaved rounds of {args.steps} steps, median; time = "
-                     f"{'wall clock' if cuda else 'process CPU time'}.\n\n" + mtable +
-                     f"\n\nFcaNet-50 / SENet-50 throughput: **{stats['fca_vs_se']:.3f}** ({verdict} the 3% "
-                     f"target); per round: " + ", ".join(f"{v:.3f}" for v in stats["per_round"]) + ". "
-                     f"FcaNet-50 with our pooling vs the same model with the Fig. 3 pooling: "
-                     f"**{stats['fig3_speed']:.3f}x** the throughput. Step peak memory: allocations during one "
-                     f"training step beyond those live before it (weights, optimizer state), measured as above.")
-            print("\n" + mtable + f"\nFcaNet-50 / SENet-50 throughput: {stats['fca_vs_se']:.3f}")
-        out = args.out or str(ROOT / "results" / "benchmarks" / "attention.md")
-        write_report(out, "attention.md", "Channel attention: FCA vs SE vs the paper's Fig. 3 formulation", machine,
-                     body, argv, script="scripts/bench_attention.py")
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

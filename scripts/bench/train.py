@@ -1,0 +1,98 @@
+"""``train``: img/s of full training steps (data already on the device) of ResNet-50, SENet-50, ECANet-50 and
+FcaNet-50; ratios to the first model and FcaNet-50 / SENet-50."""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from .common import (BenchError, device_args, machine_description, make_train_step, md_table, pick_device,
+                     report_args, resolve_precision, setup_threads, spread, step_args, step_clock, sync,
+                     write_report)
+
+
+def run(args) -> None:
+    from models import create_model
+    device = pick_device(args.device)
+    args.precision = resolve_precision(args.precision, device)
+    if args.channels_last is None:
+        args.channels_last = device.type == "cuda"
+    if args.batch < 1 or args.image_size < 32 or args.steps < 1 or args.rounds < 1:
+        raise BenchError("--batch, --steps, --rounds must be >= 1 and --image-size >= 32")
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    setup_threads(args.threads)
+    machine = machine_description(device)
+    print("\n".join(machine))
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (args.batch, 3, args.image_size, args.image_size), dtype=torch.uint8,
+                           device=device)
+    targets = torch.randint(0, args.num_classes, (args.batch,), device=device)
+    steps = {}
+    for name in names:
+        try:
+            model = create_model(name, num_classes=args.num_classes)
+        except (ValueError, KeyError) as e:
+            raise BenchError(f"--models: {e}") from None
+        steps[name] = make_train_step(model, device, args.precision, args.channels_last, args.compile)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    peak: dict[str, int] = {}
+    clock = step_clock(device)
+    for name in names:  # warm-up (allocator, cudnn autotune, compile)
+        for _ in range(args.warmup):
+            steps[name](images, targets)
+        sync(device)
+    for r in range(args.rounds):
+        for name in names:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync(device)
+            t0 = clock()
+            for _ in range(args.steps):
+                steps[name](images, targets)
+            sync(device)
+            times[name].append((clock() - t0) / args.steps)
+            if device.type == "cuda":
+                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(device))
+        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names))
+    ips = {n: [args.batch / t for t in times[n]] for n in names}
+    med = {n: statistics.median(ips[n]) for n in names}
+    base = names[0]
+    rows = []
+    for n in names:
+        row = [n, f"{args.batch / med[n] * 1e3:.1f}", f"{med[n]:.1f}", spread(ips[n]) if med[n] > 100 else
+               f"{min(ips[n]):.1f}-{max(ips[n]):.1f}", f"{med[n] / med[base]:.3f}"]
+        if device.type == "cuda":
+            row.append(f"{peak[n] / 2**20:.0f}")
+        rows.append(row)
+    header = ["model", "ms/step", "img/s (median)", "min-max", f"vs {base}"] + (
+        ["peak MiB"] if device.type == "cuda" else [])
+    table = md_table(header, rows)
+    body = (f"Batch {args.batch}, {args.image_size}x{args.image_size}, precision {args.precision}, "
+            f"channels_last {args.channels_last}, compile {args.compile}, device {device}; SGD momentum 0.9 + "
+            f"label-smoothed CE; uint8 batch already on the device (normalized inside the step). "
+            f"{args.warmup} warm-up steps per model, then {args.rounds} interleaved rounds of {args.steps} steps; "
+            f"median. Time: {'wall clock' if device.type == 'cuda' else 'process CPU time'} "
+            f"(torch threads {torch.get_num_threads()}).\n\n" + table)
+    if "fcanet50" in med and "senet50" in med:
+        ratio = med["fcanet50"] / med["senet50"]
+        verdict = "within" if ratio >= 0.97 else "NOT within"
+        body += (f"\n\nFcaNet-50 / SENet-50 training throughput: **{ratio:.3f}** ({verdict} the 3% target; "
+                 f"per-round ratios: " + ", ".join(f"{a / b:.3f}" for a, b in zip(ips['fcanet50'], ips['senet50']))
+                 + ").")
+    print("\n" + body)
+    write_report(args.out, "train.md", "Training-step throughput", machine, body, args.argv)
+
+
+def add_parser(sub) -> None:
+    t = sub.add_parser("train", parents=[report_args(), device_args(), step_args()],
+                       help="training-step img/s of ResNet/SENet/ECANet/FcaNet-50", description=__doc__)
+    t.set_defaults(run=run, quick_overrides=apply_quick)
+    t.add_argument("--models", default="resnet50,senet50,ecanet50,fcanet50")
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--compile", action="store_true", help="torch.compile the models")
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    args.batch, args.image_size, args.steps, args.rounds, args.warmup = 2, 32, 1, 1, 1
+    args.num_classes = 10
