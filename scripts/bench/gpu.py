@@ -254,7 +254,8 @@ def bench_trainer(args, device: torch.device, step_ips: dict[str, float], budget
             "img/s over section 1's eager step img/s of the same model and batch (1.00 = the trainer adds nothing; "
             "well below on JPEGs = data-bound; on CPU the step is timed in process CPU time, the trainer in wall "
             "time, so this ratio is only meaningful on CUDA). Reference loop: ImageFolder + PIL + torchvision "
-            "transforms + DataLoader(pin_memory) + the same model, optimizer and loss, `loss.item()` every step.\n\n" + table)
+            "transforms + DataLoader(pin_memory) + the same model, optimizer and loss, `loss.item()` every "
+            "step.\n\n" + table)
 
 
 # ------------------------------------------------------------------------------------------------ run
