@@ -147,7 +147,7 @@ def bench_steps(args, device: torch.device, budget: Budget) -> tuple[str, dict[s
             base = "resnet50 compiled" if compiled and "resnet50 compiled" in med else "resnet50"
             eager_twin = n[: -len(" compiled")] if compiled else None
             rows.append([n, f"{med[n]:.0f}", f"{min(ips[n]):.0f}-{max(ips[n]):.0f}", f"{med[n] / med[base]:.3f} "
-                         f"(vs {base})", f"{med[n] / med['senet50']:.3f}" if n.startswith("fcanet") else "",
+                         f"(vs {base})", f"{med[n] / med['senet50']:.3f}" if n == "fcanet50" else "",
                          f"{med[n] / med[eager_twin]:.2f}x" if compiled else "",
                          f"{warm[n]:.1f}" if n in warm else "", f"{peak[n] / 2**20:.0f}" if n in peak else ""])
         table = md_table(["model", "img/s (median)", "min-max", "vs ResNet-50", "FcaNet / SENet-50 (eager)",
