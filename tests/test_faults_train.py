@@ -453,3 +453,32 @@ def test_sigterm_to_torchrun_checkpoints_every_worker(data, tmp_path):
     ck = weights(out)
     assert ck["global_step"] >= 8 and len(ck["rng"]) == 2 and not (out / "summary.json").exists()
     assert not (out / "train.lock.json").exists()
+
+
+def test_failure_announcement_reaches_the_other_ranks(monkeypatch):
+    """The rank that fails records itself in the job's store; a watcher thread on every other rank learns it even
+    while that rank's main thread is blocked in a collective."""
+    import threading
+    from datetime import timedelta
+
+    from engine import distributed as dist_lib
+
+    server = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10),
+                                        wait_for_workers=False)  # the store torchrun's agent hosts
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", f"test{os.getpid()}")
+    assert dist_lib.failed_rank(wait_s=0.0) is None
+    seen, done = [], threading.Event()
+    watch = dist_lib.FailureWatch(0, lambda r: (seen.append(r), done.set()), interval_s=0.05).start()
+    own = dist_lib.FailureWatch(2, lambda r: seen.append(("own", r)), interval_s=0.05)
+    dist_lib.announce_failure(2)
+    dist_lib.announce_failure(1)  # a later failure does not replace the first
+    own.start()
+    assert done.wait(10.0)
+    time.sleep(0.3)
+    watch.stop(), own.stop()
+    assert seen == [2] and dist_lib.failed_rank(wait_s=0.0) == 2  # rank 2 ignores its own announcement
+    once = dist_lib.Once()
+    assert [once.claim() for _ in range(3)] == [True, False, False]
