@@ -60,10 +60,22 @@ def run_guarded(fn: Callable[[], int | None]) -> int:
         if world > 1:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
+    final_line = dist_lib.Once()
+
+    def stopped_by(failed: int) -> None:  # another rank failed while this one may be blocked in a collective
+        if final_line.claim():
+            quiet_exit()
+            print(f"error: stopped: rank {failed} failed{where}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(EXIT_ERROR)  # files are written atomically: ending here cannot leave half of one
+
+    watch = dist_lib.FailureWatch(rank, stopped_by).start() if world > 1 else None
     try:
         return fn() or 0
     except expected as e:
         quiet_exit()
+        if not final_line.claim():
+            return EXIT_ERROR
         # Config errors are identical on every rank; data errors may differ, so every rank reports those.
         if isinstance(e, ConfigError):
             if rank == 0:
@@ -82,6 +94,8 @@ def run_guarded(fn: Callable[[], int | None]) -> int:
         if world <= 1 or not _is_collective_failure(e):
             raise
         quiet_exit()
+        if not final_line.claim():
+            return EXIT_ERROR
         failed = dist_lib.failed_rank()
         if failed is not None and failed != rank:
             print(f"error: stopped: rank {failed} failed{where}", file=sys.stderr, flush=True)
@@ -89,3 +103,6 @@ def run_guarded(fn: Callable[[], int | None]) -> int:
             print(f"error: stopped: another rank left the job ({one_line(e)[:160]}){where}", file=sys.stderr,
                   flush=True)
         return EXIT_ERROR
+    finally:
+        if watch is not None:
+            watch.stop()

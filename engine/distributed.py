@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -141,3 +143,62 @@ def failed_rank(wait_s: float = 3.0) -> int | None:
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.1)
+
+
+class Once:
+    """``claim()`` is True exactly once (thread-safe): who gets it prints the process's one closing line."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._claimed = False
+
+    def claim(self) -> bool:
+        with self._lock:
+            if self._claimed:
+                return False
+            self._claimed = True
+            return True
+
+
+class FailureWatch:
+    """A daemon thread that ends this rank as soon as another rank announced a failure.
+
+    The main thread may be blocked inside a collective (NCCL waits in a CUDA kernel, where no Python signal
+    handler runs) until the process-group timeout; this thread is not. ``on_failure(rank)`` is called once
+    (it prints the line and ends the process).
+
+    Args:
+        rank: this process's rank (its own announcement is ignored).
+        on_failure: called with the failed rank.
+        interval_s: polling period of the job's store.
+    """
+
+    def __init__(self, rank: int, on_failure: Callable[[int], None], interval_s: float = 1.0):
+        self.rank, self.on_failure, self.interval_s = rank, on_failure, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fcanet-failure-watch", daemon=True)
+
+    def start(self) -> "FailureWatch":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("MASTER_ADDR"):
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        store = None
+        while not self._stop.wait(self.interval_s):
+            if store is None:
+                store = _job_store(timeout_s=2.0)  # None until the store is up (rank 0 may host it)
+                continue
+            try:
+                if not store.check([_failure_key()]):
+                    continue
+                failed = int(store.get(_failure_key()).decode())
+            except (RuntimeError, ValueError, OSError):
+                store = None  # the store went away (the job is ending): try again, quietly
+                continue
+            if failed != self.rank:
+                self.on_failure(failed)
+                return

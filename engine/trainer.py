@@ -183,6 +183,8 @@ class Trainer:
         else:
             self.log(f"warning: checkpoint has RNG states of {len(rng)} ranks, this run has {self.info.world_size}")
         self.resumed_config = ckpt["config"]
+        if self.state.epoch >= self.cfg.train.epochs:
+            return  # a finished run: fit() says so
         self.log(f"resumed from {path}: epoch {self.state.epoch + 1}, step {self.state.step_in_epoch}/"
                  f"{self.steps_per_epoch} (global step {self.state.global_step})")
 
