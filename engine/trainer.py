@@ -390,6 +390,11 @@ class Trainer:
             improved = val["top1"] > st.best_top1
             if improved:
                 st.best_top1, st.best_epoch = val["top1"], st.epoch + 1
+        if cfg.data.pipeline == "gpu":
+            # Files of this epoch (train and val) that nvjpeg could not take and the CPU decoded, all ranks.
+            from engine.gpu_decode import fallback_counts
+            n = torch.tensor([float(sum(fallback_counts(reset=True).values()))], device=self.device)
+            row["cpu_decoded"] = int(dist_lib.all_reduce_sum(n).item())
         val_text = (f"val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f} top5 {row['val_top5']:.2f} "
                     f"({row['val_count']} images) | " if "val_top1" in row else "")
         self.log(f"epoch {st.epoch + 1}/{cfg.train.epochs}: train loss {row['train_loss']:.4f} top1 "
