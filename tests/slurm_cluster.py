@@ -26,7 +26,8 @@ the fixture skips the tests with a one-line reason, unless ``FCANET_REQUIRE_SLUR
 then it fails. The daemons run in the foreground as children of the test process and are stopped by pid
 (after cancelling every job of this cluster) when the session ends.
 
-Use in a test module::
+Use in a test module (without importing this module there: as a plugin it is imported by pytest, which
+rewrites its asserts; its helpers are reachable through the fixture object)::
 
     pytest_plugins = ("slurm_cluster",)
 
@@ -97,6 +98,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 def free_port() -> int:
+    """A TCP port free right now (e.g. a job's rendezvous port)."""
     return _free_ports(1)[0]
 
 
@@ -133,6 +135,8 @@ class SlurmCluster:
     multi_nodes: list[str] = field(default_factory=list)
     multi_reason: Optional[str] = None  # why there is no 'multi' partition
     daemons: list[_Daemon] = field(default_factory=list)
+
+    free_port = staticmethod(free_port)
 
     # -- commands --------------------------------------------------------------------------------
     def run(self, args: Sequence[str], check: bool = True, timeout: float = 60.0, cwd=None,
