@@ -145,7 +145,8 @@ class SlurmCluster:
         full_env = {**self.env, **(env or {}), "SLURM_CONF": self.env["SLURM_CONF"]}
         proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, cwd=cwd, env=full_env)
         if check and proc.returncode != 0:
-            raise SlurmError(f"{shlex.join(args)}: exit {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}")
+            message = proc.stderr.strip() or proc.stdout.strip()
+            raise SlurmError(f"{shlex.join(args)}: exit {proc.returncode}: {message}")
         return proc
 
     def sbatch(self, args: Sequence[str], cwd=None, env: Optional[dict] = None) -> str:
