@@ -102,6 +102,14 @@ def free_port() -> int:
     return _free_ports(1)[0]
 
 
+def nproc() -> int:
+    """The CPUs this process may run on (what ``nproc`` prints): the debug node's CPU count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _parse_record(line: str) -> dict[str, str]:
     """``scontrol show -o`` output (``Key=Value Key=Value ...``) as a dict. Values may contain '=' (e.g.
     ``Command=... a=b``): a token without '=' continues the previous value."""
@@ -127,11 +135,13 @@ class _Daemon:
 @dataclass
 class SlurmCluster:
     """A running cluster: ``root`` (its temp dir), ``env`` (``SLURM_CONF`` set: use it for every Slurm command),
-    ``node`` (the debug node's name), ``multi_nodes`` (the 2 nodes of partition ``multi``, or empty)."""
+    ``node`` and ``cpus`` (the debug node's name and CPU count), ``multi_nodes`` (the 2 nodes of partition
+    ``multi``, or empty)."""
 
     root: Path
     env: dict[str, str]
     node: str
+    cpus: int = field(default_factory=nproc)  # the debug node's CPUs
     multi_nodes: list[str] = field(default_factory=list)
     multi_reason: Optional[str] = None  # why there is no 'multi' partition
     daemons: list[_Daemon] = field(default_factory=list)
@@ -238,7 +248,7 @@ class SlurmCluster:
 
 
 def _write_config(root: Path, host: str, ports: list[int], multi: bool) -> None:
-    cpus = os.cpu_count() or 1
+    cpus = nproc()
     munge_sock = root / "munge" / "munge.socket"
     dev = root / "dev"
     dev.mkdir()

@@ -106,17 +106,30 @@ def local(slurm_cluster, trainer_cmd, tmp_path_factory) -> tuple[Path, dict[str,
     return runs, read_tables(out)
 
 
-def test_submitit_base_then_finetunes_same_table_as_local(slurm_cluster, trainer_cmd, local, tmp_path):
-    runs, out = tmp_path / "runs", tmp_path / "results"
+@pytest.fixture(scope="module")
+def submitit_submission(slurm_cluster, trainer_cmd, tmp_path_factory) -> tuple[Path, str, dict[str, str]]:
+    """``run --slurm`` submitted before the local reference trains, so that both run at once. Returns the runs
+    dir, the CLI's output and each submitted job's ``Dependency`` read right after submission (while the base
+    job is still pending or running: Slurm clears a dependency once it is satisfied)."""
+    runs = tmp_path_factory.mktemp("slurm_abl_submitit") / "runs"
     stdout = ablation(slurm_cluster, "run", "--study", STUDY, "--preset", PRESET, "--runs-dir", str(runs), "--slurm",
                       "--limit", str(LIMIT), "--trainer-cmd", trainer_cmd, "--slurm-cpus-per-gpu", "1",
                       "--slurm-time", "15")
+    deps = {job: slurm_cluster.job(job)["Dependency"]
+            for job in re.findall(r"^submitted \S+: job (\d+)$", stdout, re.M)}
+    return runs, stdout, deps
+
+
+def test_submitit_base_then_finetunes_same_table_as_local(slurm_cluster, submitit_submission, local, tmp_path):
+    runs, stdout, deps = submitit_submission
+    out = tmp_path / "results"
     submitted = re.findall(r"^submitted (\S+): job (\d+)$", stdout, re.M)
     planned = plan_runs(runs)[:LIMIT]
     assert [name for name, _ in submitted] == [r.name for r in planned], stdout
     base_job = submitted[0][1]
-    for _, job in submitted[1:]:  # checked at once: the base job is still pending or running
-        assert slurm_cluster.job(job)["Dependency"].startswith(f"afterok:{base_job}"), slurm_cluster.job(job)
+    assert deps[base_job] == "(null)"
+    for _, job in submitted[1:]:
+        assert deps[job].startswith(f"afterok:{base_job}"), deps
     for _, job in submitted:
         info = slurm_cluster.wait(job, timeout=400)
         assert info["JobState"] == "COMPLETED", (info, list((runs / "slurm").rglob("*.err")))

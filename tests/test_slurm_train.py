@@ -150,7 +150,7 @@ def jobs(slurm_cluster, digits, tmp_path_factory) -> dict[str, tuple[str, Path, 
     that they run while the local reference trains: one node x 2 processes; two nodes x 1 process (when this
     host runs several slurmd); two deterministic failures, at 1 process each."""
     tmp = tmp_path_factory.mktemp("slurm_jobs")
-    cpus = f"--cpus-per-task={os.cpu_count()}"
+    cpus = f"--cpus-per-task={slurm_cluster.cpus}"
     specs = {
         "one_node": ({}, ["--gpus-per-node=2", cpus]),
         # A data root that does not exist (and is not to be prepared): fails at start-up.
@@ -210,7 +210,7 @@ def test_deterministic_errors_fail_without_requeue(slurm_cluster, jobs, name, me
 def test_time_limit_signal_and_preemption_requeue_and_resume_bitwise(slurm_cluster, digits, local_run, tmp_path):
     out = tmp_path / "run"
     job, log = submit(slurm_cluster, out, demo_overrides(digits, out), "--gpus-per-node=2",
-                      f"--cpus-per-task={os.cpu_count()}")
+                      f"--cpus-per-task={slurm_cluster.cpus}")
     # 1. The time-limit warning (--signal=B:USR1@180 sends USR1 to the batch shell) once epoch 1 is done.
     wait_for(lambda: metric_rows(out) >= 1, 400, "epoch 1", slurm_cluster, log)
     slurm_cluster.run(["scancel", "--batch", "--signal=USR1", job])
