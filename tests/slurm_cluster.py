@@ -2,9 +2,9 @@
 
 Starts Debian's ``munged``, ``slurmctld`` and ``slurmd`` (packages ``munge`` and ``slurm-wlm``, Slurm 22.05) with
 every path under one temporary directory: munge key, socket and seed, ``slurm.conf`` (clients find it through
-``SLURM_CONF``), ``gres.conf``, controller state, slurmd spool, pid and log files. Nothing under /etc, /run or
-/var is read or written, so the cluster coexists with a system Slurm and with other test sessions (its ports
-are picked free at start).
+``SLURM_CONF``), ``gres.conf``, controller state, slurmd spool, pid and log files. No system Slurm or munge
+configuration is read and nothing is written under /etc, /run or /var, so the cluster coexists with a system
+Slurm and with other test sessions (its ports are picked free at start).
 
 Nodes and partitions:
 
@@ -19,7 +19,8 @@ Plugins are the ones that need no cgroups or database: ``ProctrackType=proctrack
 ``TaskPlugin=task/none``, ``SelectType=select/cons_tres`` (``CR_CPU``), ``JobAcctGatherType=jobacct_gather/none``,
 no accounting storage (``sacct`` does not work; job states come from ``scontrol``, which keeps finished jobs
 for ``MinJobAge`` seconds). ``CgroupPlugin`` is left unset: 22.05 does not know ``disabled`` and slurmd then
-fails to start.
+fails to start. The job credential lifetime (``cred_expire``) is 5 s instead of 120 s: Slurm holds a requeued
+job back for that long before it may start again (``Reason=BeginTime``).
 
 Requirements: the two packages and root (slurmd starts job steps as the submitting user). Without the packages,
 the fixture skips the tests with a one-line reason, unless ``FCANET_REQUIRE_SLURM=1`` (set by ``.ci/run``):
@@ -194,20 +195,6 @@ class SlurmCluster:
                                  + "; ".join(f"{r.get('JobId')}_{r.get('ArrayTaskId', '')}={r.get('JobState')} "
                                              f"({r.get('Reason')})" for r in records) + "\n" + self.log_tails())
             time.sleep(poll)
-
-    def release_requeued(self, job_id: str, timeout: float = 60.0) -> None:
-        """Start a requeued job now. Slurm holds a requeued batch job back for a while (``Reason=BeginTime``),
-        which on a real cluster gives the nodes time to clean up; here it would only slow the tests down."""
-        deadline = time.time() + timeout
-        while True:
-            job = self.job(job_id)
-            if job["JobState"] == "PENDING":
-                self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
-                return
-            if time.time() > deadline:
-                raise SlurmError(f"job {job_id} was not requeued within {timeout:.0f} s (state {job['JobState']})\n"
-                                 + self.log_tails())
-            time.sleep(0.2)
 
     def cancel_all(self, timeout: float = 90.0) -> None:
         """Cancel every job of this cluster and wait until none is left running."""
