@@ -5,13 +5,13 @@ Every job runs the script as a user would submit it, from the repository root: o
 ``--gpus-per-node=2`` gives two processes per node exactly as on a GPU cluster. Reference: the same training
 under ``torchrun --standalone`` without Slurm. Checked:
 
-* an uninterrupted job: COMPLETED, and its run directory equals the local run's (weights and optimizer state
-  bitwise, metrics and summary up to timings);
+* an uninterrupted job: COMPLETED, and its run directory equals the local run's (the checkpoints' weights,
+  optimizer and scheduler state bitwise; config, metrics and summary up to paths and timings);
 * a job stopped twice, first by the time-limit signal the script asks Slurm for (``--signal=B:USR1@180``; sent
   here with ``scancel --batch --signal=USR1``), then by ``scontrol requeue`` (what a preemption does): each
   time the trainers checkpoint, the job is requeued and resumes; the final weights equal the local run's;
-* deterministic errors (a missing data root; a non-finite loss): FAILED with the
-  trainer's one-line ``error:`` in the log, never requeued;
+* deterministic errors (a missing data root; a non-finite loss): FAILED with the trainer's one-line
+  ``error:`` in the log, never requeued;
 * two nodes (two slurmd on this host), one process each: the same weights as the local 2-process run.
 """
 from __future__ import annotations
