@@ -152,6 +152,8 @@ def cmd_run(args) -> int:
                                     args.slurm_cpus_per_gpu)
         from .collect import write_atomic
         write_atomic(args.emit_sbatch, text)
+        # sbatch does not create the --output directory; a job whose log cannot be opened fails to launch.
+        (plan.runs_root / "slurm" / plan.study).mkdir(parents=True, exist_ok=True)
         print(f"wrote {args.emit_sbatch} ({len(plan.runs)} array tasks; see its header for the sbatch commands)")
         return 0
     if args.slurm:
