@@ -150,18 +150,30 @@ class Optimization:
     schedule: WarmupCosineSchedule
 
 
+def make_sgd(model: nn.Module, lr: float, device: torch.device, momentum: float = 0.9, weight_decay: float = 1e-4,
+             nesterov: bool = False) -> torch.optim.SGD:
+    """The trainer's SGD for ``model`` on ``device`` (the benchmarks time this same optimizer). Fused on CUDA:
+    one kernel, and with the fp16 GradScaler no per-step host sync on found_inf (the for-each step makes the
+    scaler read found_inf on the host every step)."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           nesterov=nesterov, fused=torch.device(device).type == "cuda" or None)
+
+
+def make_scaler(amp: str) -> torch.amp.GradScaler:
+    """The loss scaler for ``train.amp`` (``fp16``, ``bf16`` or ``off``): fp16 needs loss scaling; bf16/off run
+    the same code with the scaler disabled (a no-op)."""
+    return torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+
+
 def build_optimization(cfg: Config, model: nn.Module, info: dist_lib.DistInfo,
                        steps_per_epoch: int) -> Optimization:
     """SGD (momentum, weight decay) at the linearly scaled peak lr, warmup + cosine per step (the paper's
     recipe, Sec. 4.1), label-smoothed cross-entropy."""
     peak = scaled_lr(cfg.optim.base_lr, cfg.train.batch_size * info.world_size)
     schedule = WarmupCosineSchedule.from_epochs(peak, steps_per_epoch, cfg.train.epochs, cfg.train.warmup_epochs)
-    # fused on CUDA: one kernel, and with the fp16 GradScaler no per-step host sync on found_inf.
-    optimizer = torch.optim.SGD(model.parameters(), lr=schedule.lr(0), momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov,
-                                fused=info.device.type == "cuda" or None)
-    # fp16 needs loss scaling; bf16/off run the same code with the scaler disabled (a no-op).
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16")
+    optimizer = make_sgd(model, schedule.lr(0), info.device, momentum=cfg.optim.momentum,
+                         weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    scaler = make_scaler(cfg.train.amp)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     return Optimization(optimizer, scaler, criterion, schedule)
 
