@@ -327,7 +327,9 @@ def test_nvjpeg_matches_the_cpu_decode_on_cuda(tmp_path):  # pragma: no cover - 
     loader, tf = tr.build_train_transform(64, "fcanet", "gpu")
     ds = RobustImageFolder(root, transform=tf, loader=loader)
     batch, _, _ = collate([ds[(i, 7 + i)] for i in range(len(ds))])
-    x = batch.pin_memory().to_model_input(torch.device("cuda"), channels_last=True)
+    batch.pin_memory()
+    assert batch.jpeg_data.is_pinned() and batch.cpu_index.is_pinned()  # copied to the GPU without blocking
+    x = batch.to_model_input(torch.device("cuda"), channels_last=True)
     ref = batch.to_model_input(torch.device("cuda"), channels_last=True, decode=cpu_decode)
     assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
     diff = (_unnormalize(x.cpu()) - _unnormalize(ref.cpu())).abs()
