@@ -108,8 +108,8 @@ def test_resume_with_more_epochs_follows_the_new_schedule(data, tmp_path):
     rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     peak = 0.1 * 4 / 256
-    # lr after the last step of epoch 2 of a 3-epoch (18-step) cosine
-    assert rows[1]["lr"] == pytest.approx(lr_at(12, peak, 0, 18))
+    # lr of the last step of epoch 2 (global step 11, 0-based) of a 3-epoch (18-step) cosine
+    assert rows[1]["lr"] == pytest.approx(lr_at(11, peak, 0, 18))
     after = final_state(tmp_path)
     assert not torch.equal(before["model"]["fc.weight"], after["model"]["fc.weight"])
 
