@@ -80,10 +80,16 @@ def check_model_config(cfg: Config) -> None:
 
 
 def build_model(cfg: Config) -> nn.Module:
-    """``models.create_model`` with the config's model section (``input_size`` defaults to the image size)."""
+    """``models.create_model`` with the config's model section (``input_size`` defaults to the image size),
+    after :func:`check_model_config`."""
+    check_model_config(cfg)
+    return _create_model(cfg)
+
+
+def _create_model(cfg: Config) -> nn.Module:
+    """:func:`build_model` for a config already checked (the trainer checks it before owning the run dir)."""
     import models
 
-    check_model_config(cfg)
     kwargs = dict(cfg.model.kwargs)
     kwargs.setdefault("input_size", cfg.data.image_size)
     if cfg.model.freq is not None:
@@ -118,10 +124,11 @@ def init_from_checkpoint(model: nn.Module, path: str, log: Callable[[str], None]
 
 def prepare_model(cfg: Config, info: dist_lib.DistInfo, init_checkpoint: bool,
                   log: Callable[[str], None] = print) -> nn.Module:
-    """The model on its device: seeded init, optional fine-tune initialisation (``init_checkpoint``: only for a
-    run that does not resume), SyncBN under DDP, channels_last."""
+    """The model on its device (``cfg`` already checked by :func:`check_model_config`): seeded init, optional
+    fine-tune initialisation (``init_checkpoint``: only for a run that does not resume), SyncBN under DDP,
+    channels_last."""
     seed_everything(cfg.seed)
-    model = build_model(cfg)
+    model = _create_model(cfg)  # fit() ran check_model_config before anything was written
     if init_checkpoint and cfg.model.init_checkpoint:
         init_from_checkpoint(model, cfg.model.init_checkpoint, log)
     if cfg.train.sync_bn and info.distributed:
@@ -143,20 +150,47 @@ class Optimization:
     schedule: WarmupCosineSchedule
 
 
+def make_sgd(model: nn.Module, lr: float, device: torch.device, momentum: float = 0.9, weight_decay: float = 1e-4,
+             nesterov: bool = False) -> torch.optim.SGD:
+    """The trainer's SGD for ``model`` on ``device`` (the benchmarks time this same optimizer). Fused on CUDA:
+    one kernel, and with the fp16 GradScaler no per-step host sync on found_inf (the for-each step makes the
+    scaler read found_inf on the host every step)."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           nesterov=nesterov, fused=torch.device(device).type == "cuda" or None)
+
+
+def make_scaler(amp: str) -> torch.amp.GradScaler:
+    """The loss scaler for ``train.amp`` (``fp16``, ``bf16`` or ``off``): fp16 needs loss scaling; bf16/off run
+    the same code with the scaler disabled (a no-op)."""
+    return torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+
+
 def build_optimization(cfg: Config, model: nn.Module, info: dist_lib.DistInfo,
                        steps_per_epoch: int) -> Optimization:
     """SGD (momentum, weight decay) at the linearly scaled peak lr, warmup + cosine per step (the paper's
     recipe, Sec. 4.1), label-smoothed cross-entropy."""
     peak = scaled_lr(cfg.optim.base_lr, cfg.train.batch_size * info.world_size)
     schedule = WarmupCosineSchedule.from_epochs(peak, steps_per_epoch, cfg.train.epochs, cfg.train.warmup_epochs)
-    # fused on CUDA: one kernel, and with the fp16 GradScaler no per-step host sync on found_inf.
-    optimizer = torch.optim.SGD(model.parameters(), lr=schedule.lr(0), momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov,
-                                fused=info.device.type == "cuda" or None)
-    # fp16 needs loss scaling; bf16/off run the same code with the scaler disabled (a no-op).
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16")
+    optimizer = make_sgd(model, schedule.lr(0), info.device, momentum=cfg.optim.momentum,
+                         weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    scaler = make_scaler(cfg.train.amp)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     return Optimization(optimizer, scaler, criterion, schedule)
+
+
+# How an optimizer computes its step (not what it computes): chosen for this machine when it is built.
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "differentiable", "capturable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping ``optimizer``'s own implementation flags
+    (:data:`IMPLEMENTATION_FLAGS`). ``load_state_dict`` restores every param-group key, these included: a
+    checkpoint written on the CPU would turn this machine's fused CUDA SGD into the for-each one (slower; with
+    the fp16 GradScaler its first step fails, as only the fused step takes the scaler's arguments)."""
+    keep = [{k: g[k] for k in IMPLEMENTATION_FLAGS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, keep):
+        group.update(flags)
 
 
 # ------------------------------------------------------------------------------------------------- wrapping

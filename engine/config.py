@@ -284,6 +284,9 @@ def _check_semantics(cfg: Config) -> None:
     if cfg.data.image_size > cfg.data.val_resize:
         raise ConfigError(f"config key 'data.val_resize': {cfg.data.val_resize} is smaller than "
                           f"data.image_size={cfg.data.image_size} (the val center crop needs resize >= size)")
+    if cfg.data.pipeline == "gpu" and cfg.data.source == "synthetic":
+        raise ConfigError("config key 'data.pipeline': 'gpu' decodes JPEG files and data.source=synthetic has "
+                          "none (its images are generated tensors); use data.pipeline=fast with synthetic data")
     if cfg.train.label_smoothing >= 1.0:
         raise ConfigError(f"config key 'train.label_smoothing': bad value {cfg.train.label_smoothing!r}; "
                           "must be in [0, 1)")
@@ -414,13 +417,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config (atomically, so a crash never leaves half a file)."""
-    from engine.fileio import atomic_write_text  # the engine's one atomic writer
-
-    atomic_write_text(path, dump_config(cfg))
 
 
 def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -114,11 +114,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def append_line(path: str | Path, line: str) -> None:
-    """Append ``line`` (no newline in it) plus a newline to ``path`` and fsync it."""
+    """Append ``line`` (no newline in it) plus a newline to ``path`` and fsync it. If the file does not end in
+    a newline (an earlier append cut short), one is written first: the new row must not be glued to that
+    one, which would turn both into a single unreadable (torn) line."""
     path = Path(path)
     try:
-        with open(path, "a") as f:
-            f.write(line + "\n")
+        with open(path, "a+b") as f:  # appends always go to the end; "+" lets us read the last byte
+            end = f.seek(0, os.SEEK_END)
+            cut_short = False
+            if end > 0:
+                f.seek(end - 1)
+                cut_short = f.read(1) != b"\n"
+            f.write((("\n" if cut_short else "") + line + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:

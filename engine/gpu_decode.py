@@ -21,9 +21,11 @@ Where each step runs:
   the 8-bit grid (the ``fast`` pipeline resizes uint8), the flip, and the normalization of the whole
   (N, 3, S, S) batch. A file nvjpeg still rejects is decoded on the CPU here (counted as ``nvjpeg_error``).
 
-Fallbacks are counted per batch (:attr:`EncodedBatch.cpu_decoded`, for the training loop's metrics) and
-per process by reason (:func:`fallback_counts`); the first file of each reason is named once on stderr
-(rank 0).
+Fallbacks are counted per process by reason (:func:`fallback_counts`, read and reset by the training loop at
+each epoch end for its ``cpu_decoded`` metric); the first file of each reason is named once on stderr (rank 0).
+
+The nvjpeg decode blocks the training process's host thread (see :func:`nvjpeg_decode`): the batch's bytes
+are staged and decoded synchronously, and the side stream is drained before each batch's decode.
 """
 from __future__ import annotations
 
@@ -233,19 +235,51 @@ class GpuTransform:
 DecodeFn = Callable[[list, torch.device], list]
 
 
+# torch.cuda.OutOfMemoryError is torch.OutOfMemoryError on torch >= 2.5; AcceleratorError (torch >= 2.8) is
+# how newer builds raise CUDA errors.
+_DEVICE_ERRORS = (torch.cuda.OutOfMemoryError,) + ((torch.AcceleratorError,) if hasattr(torch, "AcceleratorError")
+                                                  else ())
+
+
+def _is_device_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a failure of the device rather than of one file: out of memory, or a CUDA error
+    (an illegal access, a lost device: sticky, every later call would fail too). Those must stop training
+    with their own message, not be hidden as a "file nvjpeg rejects" and retried on the CPU."""
+    if isinstance(e, _DEVICE_ERRORS):
+        return True
+    msg = str(e).lower()
+    return any(k in msg for k in ("out of memory", "cuda error", "cuda driver error", "cudaerror",
+                                  "device-side assert"))
+
+
 def nvjpeg_decode(data: list, device: torch.device) -> list:
     """Decode a list of JPEG byte tensors (CPU uint8) with nvjpeg into uint8 (3, H, W) tensors on ``device``,
-    in one batched call; if the batch fails, file by file, with ``None`` for a file nvjpeg rejects."""
+    in one batched call; if the batch fails, file by file, with ``None`` for a file nvjpeg rejects. Device
+    failures (out of memory, CUDA errors) are raised, never turned into per-file fallbacks.
+
+    Blocks the host until the current stream's queued work is done and the decode has finished."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        # torchvision's decode_jpeg (0.29, pytorch/vision#9606) allocates its outputs on the caller's stream
+        # (the DevicePrefetcher's side stream) but writes them on its own private stream without waiting on
+        # the caller's. Blocks the previous batch freed may still be read by its crop/resize kernels queued on
+        # the side stream; the allocator hands them to this decode, which would overwrite them. Draining the
+        # caller's stream first makes that reuse safe (the decode blocks the host anyway).
+        torch.cuda.current_stream(device).synchronize()
     try:
         return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:
-        out = []
-        for d in data:
-            try:
-                out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
-                out.append(None)
-        return out
+    except RuntimeError as e:
+        if _is_device_failure(e):
+            raise
+    out = []
+    for d in data:
+        try:
+            out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError as e:  # this file only (nvjpeg refused its bitstream): the CPU decodes it
+            if _is_device_failure(e):
+                raise
+            out.append(None)
+    return out
 
 
 class EncodedBatch:
@@ -260,7 +294,9 @@ class EncodedBatch:
         size: output (S, S).
         jpegs: the nvjpeg files' bytes (uint8 (L,) tensors), concatenated here.
         boxes, flips, paths: their crop boxes ``(top, left, h, w)``, flips and paths.
-        gpu_pos, cpu_pos: positions of the two groups in the batch (together a permutation of 0..N-1).
+        gpu_pos, cpu_pos: positions of the two groups in the batch (together a permutation of 0..N-1);
+            ``cpu_pos`` is also kept as an int64 (M,) tensor (``cpu_index``), built here on the worker and
+            pinned with the batch, so that its copy to the device does not block the training loop.
         cpu_images: uint8 (M, 3, S, S), or None when M = 0.
         cpu_reasons, cpu_paths: why and which files were decoded on the CPU.
     """
@@ -272,7 +308,7 @@ class EncodedBatch:
         self.jpeg_data = torch.cat(jpegs) if jpegs else torch.empty(0, dtype=torch.uint8)
         self.boxes, self.flips, self.paths, self.gpu_pos = boxes, flips, paths, gpu_pos
         self.cpu_images, self.cpu_pos, self.cpu_reasons, self.cpu_paths = cpu_images, cpu_pos, cpu_reasons, cpu_paths
-        self.cpu_decoded = len(cpu_pos)  # files of this batch decoded on the CPU (+ nvjpeg rejects, once decoded)
+        self.cpu_index = torch.tensor(cpu_pos, dtype=torch.int64)  # (M,)
 
     def __len__(self) -> int:
         return len(self.gpu_pos) + len(self.cpu_pos)
@@ -284,8 +320,9 @@ class EncodedBatch:
 
     def pin_memory(self, device: Any = None) -> "EncodedBatch":
         """Called by the DataLoader's pin-memory thread: pinned host memory makes the copies to the GPU
-        (the CPU-decoded images, nvjpeg's staging of the bytes) asynchronous DMA."""
+        (the CPU-decoded images and their positions, nvjpeg's staging of the bytes) asynchronous DMA."""
         self.jpeg_data = self.jpeg_data.pin_memory()
+        self.cpu_index = self.cpu_index.pin_memory()
         if self.cpu_images is not None:
             self.cpu_images = self.cpu_images.pin_memory()
         return self
@@ -302,13 +339,12 @@ class EncodedBatch:
                 raise RuntimeError(f"data.pipeline=gpu decodes on a CUDA device, got {device}")
             decode = nvjpeg_decode
         n, (out_h, out_w) = len(self), self.size
-        self.cpu_decoded = len(self.cpu_pos)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         out = torch.empty((n, 3, out_h, out_w), dtype=torch.float32, device=device, memory_format=fmt)
         for reason, path in zip(self.cpu_reasons, self.cpu_paths):
             _note_fallback(reason, path)
         if self.cpu_images is not None:
-            idx = torch.tensor(self.cpu_pos, dtype=torch.int64, device=device)
+            idx = self.cpu_index.to(device, non_blocking=True)
             out.index_copy_(0, idx, self.cpu_images.to(device, non_blocking=True).float())
         jpegs = self.jpegs
         if jpegs:
@@ -317,7 +353,6 @@ class EncodedBatch:
                                                        jpegs):
                 if img is None:  # nvjpeg rejected this file after all: the CPU decodes it
                     _note_fallback("nvjpeg_error", path)
-                    self.cpu_decoded += 1
                     out[pos].copy_(self._cpu_decode(data, box, flip, path).to(device, non_blocking=True))
                     continue
                 y0, y1, x0, x1 = pixel_box(box, img.shape[-2], img.shape[-1])
@@ -371,7 +406,7 @@ def check_available() -> None:
         # the current device: the trainer has set it to this process's GPU (a context on GPU 0 per rank
         # would cost every rank memory there)
         decode_jpeg([probe], mode=ImageReadMode.RGB, device=torch.device("cuda", torch.cuda.current_device()))
-    except RuntimeError as e:
+    except Exception as e:  # whatever the probe raises (a RuntimeError, a missing CUDA library, ...) is one line
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"config key 'data.pipeline': 'gpu' cannot decode with nvjpeg here ({reason}); "
                           "use data.pipeline=fast") from None

@@ -88,9 +88,12 @@ class DevicePrefetcher:
     """Iterate ``(images, targets)`` batches of ``loader`` as model-ready tensors on ``device``.
 
     On CUDA the copy and uint8 -> normalized float conversion of the next batch run on a side stream, and
-    the consumer stream waits on an event (no host synchronization); tensors are marked with
-    ``record_stream`` so the caching allocator does not reuse them early. Elsewhere batches are converted
-    synchronously. Extra items of a batch (e.g. indices) are moved to the device unchanged.
+    the consumer stream waits on an event; tensors are marked with ``record_stream`` so the caching
+    allocator does not reuse them early. For tensor batches (the ``fast`` and ``torchvision`` pipelines) the
+    host never waits on the GPU. The ``gpu`` pipeline's batches are not asynchronous: their nvjpeg decode
+    (:func:`engine.gpu_decode.nvjpeg_decode`) first drains the side stream and then decodes, blocking the
+    host while the previous batch's kernels run. Elsewhere batches are converted synchronously. Extra items
+    of a batch (e.g. indices) are moved to the device unchanged.
     """
 
     def __init__(self, loader: Any, device: Any, channels_last: bool = False):

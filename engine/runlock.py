@@ -6,7 +6,7 @@ time) for the message a refused trainer prints.
 
 Stale locks need no cleanup: the kernel releases a ``flock`` when its process dies, however it dies
 (``kill -9`` included), so a dead holder never blocks a new trainer; the holder file it left is simply
-replaced (with a note naming the dead pid when it was on this host). On network file systems the lock is as
+replaced (with a note naming the dead holder). On network file systems the lock is as
 good as their ``flock`` support (NFSv4 and Lustre with ``flock`` mount options provide it).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from filelock import FileLock, Timeout
 
@@ -29,18 +29,6 @@ HOLDER_NAME = "train.lock.json"
 
 class RunDirInUseError(ConfigError):
     """Another live trainer owns the run directory (same message on every rank)."""
-
-
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def describe_holder(info: dict | None) -> str:
@@ -89,11 +77,10 @@ class RunDirLock:
         previous = read_holder(self.run_dir)
         host = socket.gethostname()
         if previous and previous.get("pid") != os.getpid():
-            # The lock was free, so its last holder is gone (a kill -9, a crashed node): its file is stale.
-            gone = previous.get("host") != host or not _pid_alive(previous.get("pid"))
-            if gone:
-                self.log(f"note: taking over the run directory from {describe_holder(previous)}, which ended "
-                         "without releasing it")
+            # We hold the flock, so its last holder is gone (a kill -9, a crashed node; the kernel released its
+            # lock): the file it left is stale, whatever its pid (possibly reused by now) says.
+            self.log(f"note: taking over the run directory from {describe_holder(previous)}, which ended "
+                     "without releasing it")
         atomic_write_text(self.run_dir / HOLDER_NAME,
                           json.dumps({"host": host, "pid": os.getpid(), "started": time.time()}) + "\n")
 

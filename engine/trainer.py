@@ -25,7 +25,8 @@ from engine import checkpoint as ckpt_lib
 from engine import distributed as dist_lib
 from engine import fileio
 from engine.builders import (DataBundle, Optimization, Wrapped, build_data, build_model, build_optimization,
-                             check_model_config, init_from_checkpoint, prepare_model, wrap_model)
+                             check_model_config, init_from_checkpoint, load_optimizer_state, prepare_model,
+                             wrap_model)
 from engine.config import Config, ConfigError, diff_configs, dump_config
 from engine.data import DataError
 from engine.evaluation import AMP_DTYPES, evaluate, evaluate_checkpoint
@@ -103,6 +104,29 @@ def check_structure(saved: dict, cfg: Config, path: Path) -> None:
             "(another output_dir), or set them back to continue this one")
 
 
+def write_config(run_dir: Path, text: str, log: Callable[[str], None] = print) -> None:
+    """Write ``run_dir/config.yaml``, keeping a different earlier one as ``config.<n>.yaml`` (n = 1, 2, ...).
+
+    The copy is written (atomically) before config.yaml is replaced (atomically), so at every moment
+    config.yaml exists, and a failure (disk full, ...) is a one-line :class:`engine.fileio.WriteError`
+    that leaves config.yaml as it was."""
+    path = Path(run_dir) / "config.yaml"
+    try:
+        old = path.read_bytes()
+    except FileNotFoundError:
+        old = None
+    except OSError as e:
+        raise fileio.WriteError(e.errno, f"cannot keep the previous {path}: [Errno {e.errno}] "
+                                f"{os.strerror(e.errno) if e.errno else e}") from None
+    if old is not None:
+        n = 1 + max([int(p.name.split(".")[1]) for p in Path(run_dir).glob("config.*.yaml")
+                     if p.name.split(".")[1].isdigit()], default=0)
+        with fileio.atomic_open(Path(run_dir) / f"config.{n}.yaml", "wb") as f:
+            f.write(old)
+        log(f"config changed: the previous config.yaml is kept as config.{n}.yaml")
+    fileio.atomic_write_text(path, text)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -171,7 +195,8 @@ class Trainer:
         if changed:
             self.log(f"note: resuming with changed config keys: {', '.join(changed)}")
         self.model.load_state_dict(ckpt["model"])
-        self.optim.optimizer.load_state_dict(ckpt["optimizer"])  # its lr is set again before every step
+        # its lr is set again before every step; its fused/foreach flags stay this machine's
+        load_optimizer_state(self.optim.optimizer, ckpt["optimizer"])
         if self.optim.scaler.is_enabled() and ckpt["scaler"]:  # a bf16/off checkpoint has no scaler state
             self.optim.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["state"])
@@ -190,14 +215,7 @@ class Trainer:
 
     # -- run-directory files ----------------------------------------------------------------------------------
     def _write_config(self, text: str) -> None:
-        """Write config.yaml, keeping a different earlier one as config.<n>.yaml (n = 1, 2, ...)."""
-        path = self.run_dir / "config.yaml"
-        if path.exists():
-            n = 1 + max([int(p.name.split(".")[1]) for p in self.run_dir.glob("config.*.yaml")
-                         if p.name.split(".")[1].isdigit()], default=0)
-            os.replace(path, self.run_dir / f"config.{n}.yaml")
-            self.log(f"config changed: the previous config.yaml is kept as config.{n}.yaml")
-        fileio.atomic_write_text(path, text)
+        write_config(self.run_dir, text, log=self.log)
 
     def _sync_config_file(self) -> None:
         """config.yaml must describe the weights beside it: a fresh run (or an unchanged config) writes it now;
@@ -265,6 +283,11 @@ class Trainer:
         return NonFiniteLossError(f"non-finite training loss at global step {step} (epoch {self.state.epoch + 1})"
                                   f"{kept}; lower optim.base_lr or check the data")
 
+    def _last_lr(self) -> float:
+        """The lr of the last optimizer step taken (step ``global_step - 1``; the schedule's value at
+        ``global_step`` is the next step's, 0 after the last step of the run)."""
+        return self.optim.schedule.lr(max(self.state.global_step - 1, 0))
+
     # -- the step, the sync point, the preemption exit --------------------------------------------------------
     def train_step(self, x: torch.Tensor | None, y: torch.Tensor, skipped: int) -> None:
         """One optimizer step on this rank's batch (no host sync): lr from the schedule, forward, backward.
@@ -296,7 +319,7 @@ class Trainer:
         self.stop_requested_any_rank = reading.stop_requested
         if reading.first_bad_step is not None:
             raise self._nonfinite(reading.first_bad_step)
-        lr = self.optim.schedule.lr(st.global_step)
+        lr = self._last_lr()
         progress.report(images_per_step=self.global_batch, loss=reading.loss, top1=reading.top1, lr=lr)
         if self.writer is not None:
             self.writer.add_scalar("train/loss", reading.loss, st.global_step)
@@ -378,7 +401,7 @@ class Trainer:
         cfg, st = self.cfg, self.state
         last_epoch = st.epoch + 1 == cfg.train.epochs
         row = {"epoch": st.epoch + 1, "global_step": st.global_step, "train_loss": train.loss,
-               "train_top1": train.top1, "lr": self.optim.schedule.lr(st.global_step),
+               "train_top1": train.top1, "lr": self._last_lr(),
                "img_per_s": st.epoch_images / max(st.epoch_time_s, 1e-9), "epoch_time_s": st.epoch_time_s,
                "train_skipped": train.skipped}
         improved = False
@@ -485,6 +508,16 @@ class Trainer:
 
 # ----------------------------------------------------------------------------------------------------------------
 
+def check_config(cfg: Config, info: dist_lib.DistInfo) -> None:
+    """Everything that can refuse ``cfg`` on this machine before the run directory is touched: the model
+    options, the device, and for ``data.pipeline: gpu`` a working nvjpeg (one-line ConfigError each)."""
+    check_model_config(cfg)
+    check_device(cfg, info)
+    if cfg.data.pipeline == "gpu":
+        from engine.gpu_decode import check_available
+        check_available()
+
+
 def check_device(cfg: Config, info: dist_lib.DistInfo) -> None:
     t = cfg.train
     if t.amp == "fp16" and info.device.type != "cuda":
@@ -503,10 +536,10 @@ def find_checkpoint(run_dir: Path, resume: str | None, info: dist_lib.DistInfo,
 
 
 def build_trainer(cfg: Config, info: dist_lib.DistInfo, resume: str | None = None) -> Trainer:
-    """Validate, find the checkpoint to resume, build data / model / optimization / wrapping, and restore the
-    checkpoint into a :class:`Trainer`. Nothing in the run directory is written here."""
+    """Find the checkpoint to resume, build data / model / optimization / wrapping, and restore the
+    checkpoint into a :class:`Trainer` (``cfg`` already checked by :func:`check_config`). Nothing in the run
+    directory is written here."""
     log = log_line if info.is_main else (lambda msg: None)
-    check_device(cfg, info)
     if info.device.type == "cpu" and cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
     run_dir = Path(cfg.output_dir)
@@ -550,13 +583,13 @@ def _own_run_dir(cfg: Config, info: dist_lib.DistInfo) -> RunDirLock | None:
 def fit(cfg: Config, resume: str | None = None) -> dict:
     """Train ``cfg`` in ``cfg.output_dir`` (auto-resuming from its checkpoints); returns the summary
     (``{"status": "preempted"}`` if a SIGTERM/SIGUSR1 stopped it after checkpointing)."""
-    check_model_config(cfg)
     info = dist_lib.init_distributed()
     trainer, lock = None, None
     # The handlers stay installed through the clean-up too: a SIGTERM then (torchrun stopping the workers after
     # one failed) must not kill this process before it has printed its one line.
     with Preemption() as preempt:
         try:
+            check_config(cfg, info)  # a refused config leaves no run directory behind
             lock = _own_run_dir(cfg, info)
             trainer = build_trainer(cfg, info, resume)
             return trainer.fit(preempt)

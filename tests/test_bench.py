@@ -115,3 +115,24 @@ def test_subcommands_share_option_groups():
         assert {"--out", "--quick"} <= opts, name
         if name != "data":
             assert {"--device", "--threads"} <= opts, name
+
+
+def test_the_timed_step_uses_the_trainers_optimizer_and_scaler(monkeypatch):
+    """The benchmarks time the trainer's step: fused SGD on CUDA (the for-each one would make the fp16 scaler
+    sync the host every step), the trainer's loss scaler."""
+    from engine import builders
+    from scripts.bench.common import make_train_step
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 5))
+    assert builders.make_sgd(model, 0.1, torch.device("cuda")).defaults["fused"] is True  # built, not stepped
+    assert builders.make_sgd(model, 0.1, torch.device("cpu")).defaults["fused"] is None
+    made = []
+    real_sgd, real_scaler = builders.make_sgd, builders.make_scaler
+    monkeypatch.setattr(builders, "make_sgd", lambda *a, **k: made.append(real_sgd(*a, **k)) or made[-1])
+    monkeypatch.setattr(builders, "make_scaler", lambda amp: made.append(real_scaler(amp)) or made[-1])
+    step = make_train_step(model, torch.device("cpu"), "fp32", channels_last=False)
+    before = model[3].weight.detach().clone()
+    loss = step(torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8), torch.tensor([0, 3]))
+    assert torch.isfinite(loss) and not torch.equal(before, model[3].weight)
+    assert [type(m) for m in made] == [torch.optim.SGD, torch.amp.GradScaler]
+    assert made[0].param_groups[0]["momentum"] == 0.9 and not made[1].is_enabled()

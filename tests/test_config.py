@@ -7,7 +7,7 @@ import re
 import pytest
 
 from conftest import BASE_CONFIG, ROOT
-from engine.config import ConfigError, apply_overrides, load_config, load_yaml_tree, save_config
+from engine.config import ConfigError, apply_overrides, dump_config, load_config, load_yaml_tree
 
 IMAGENET = sorted((ROOT / "configs" / "imagenet").glob("*.yaml"))
 
@@ -75,7 +75,7 @@ def test_unknown_key_in_file_and_inheritance(tmp_path):
 
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(BASE_CONFIG, ["model.name=senet50", "model.freq=[[0,1],[1,0]]", f"output_dir={tmp_path}"])
-    save_config(cfg, tmp_path / "config.yaml")
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
 
@@ -165,3 +165,6 @@ def test_image_size_is_bounded_with_the_memory_it_would_take():
 def test_gpu_pipeline_is_a_valid_choice():
     assert load_config(BASE_CONFIG, ["data.pipeline=gpu"]).data.pipeline == "gpu"  # refused later without CUDA
     assert "data.pipeline" in err(["data.pipeline=nvjpeg"])
+    # synthetic data has no JPEGs to decode: refused whatever the machine (not accepted and recorded)
+    assert err(["data.source=synthetic", "data.pipeline=gpu"]).startswith(
+        "config key 'data.pipeline': 'gpu' decodes JPEG files and data.source=synthetic")

@@ -148,6 +148,13 @@ def test_run_dir_lock_in_process(tmp_path):
     with RunDirLock(tmp_path, log=notes.append):
         assert json.loads((tmp_path / "train.lock.json").read_text())["pid"] == os.getpid()
     assert any("taking over the run directory from pid 4194311" in n for n in notes)
+    # the stale file's pid may name a live process by now (pids are reused): the free flock still proves the
+    # holder gone, and the take-over is noted
+    (tmp_path / "train.lock.json").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getppid(),
+                                                          "started": 0}))
+    with RunDirLock(tmp_path, log=notes.append):
+        pass
+    assert any(f"taking over the run directory from pid {os.getppid()}" in n for n in notes)
 
 
 # ------------------------------------------------------------------------------------ structural change, reruns

@@ -168,7 +168,7 @@ def test_fallbacks_are_counted_and_named_once(tmp_path, capsys):
     assert len(batch.gpu_pos) == 1 and len(batch.cpu_pos) == 5
     batch.to_model_input("cpu", decode=cpu_decode)
     assert gd.fallback_counts() == {"progressive": 1, "grayscale": 1, "cmyk": 1, "not_jpeg": 2}
-    assert batch.cpu_decoded == 5
+    assert batch.cpu_index.dtype == torch.int64 and batch.cpu_index.tolist() == batch.cpu_pos
     err = capsys.readouterr().err
     assert err.count("png.png") + err.count("png2.png") <= 1  # named once per reason, then only counted
     batch.to_model_input("cpu", decode=cpu_decode)
@@ -182,10 +182,49 @@ def test_a_file_nvjpeg_rejects_is_decoded_on_the_cpu_and_counted(tmp_path):
     batch, _, _ = collate([ds[0], ds[1]])
     gd.fallback_counts(reset=True)
     expect = batch.to_model_input("cpu", decode=cpu_decode)
-    assert batch.cpu_decoded == 0
+    assert gd.fallback_counts() == {}
     got = batch.to_model_input("cpu", decode=lambda data, dev: [None, *cpu_decode(data[1:], dev)])
-    assert gd.fallback_counts(reset=True) == {"nvjpeg_error": 1} and batch.cpu_decoded == 1
+    assert gd.fallback_counts(reset=True) == {"nvjpeg_error": 1}
     assert (_unnormalize(got) - _unnormalize(expect)).abs().max() <= 2.0
+
+
+class _FakeNvjpeg:
+    """Stands in for torchvision's decode_jpeg in :func:`gd.nvjpeg_decode`: decodes on the CPU, but raises
+    ``batch_error`` for a batched (list) call and ``file_error`` for the single files in ``bad``."""
+
+    def __init__(self, batch_error: Exception | None = None, file_error: Exception | None = None, bad=()):
+        self.batch_error, self.file_error, self.bad, self.calls = batch_error, file_error, set(bad), 0
+
+    def __call__(self, data, mode, device):
+        self.calls += 1
+        if isinstance(data, list):
+            if self.batch_error is not None:
+                raise self.batch_error
+            return [decode_jpeg(d, mode=mode) for d in data]
+        if data.numel() in self.bad:
+            raise self.file_error
+        return decode_jpeg(data, mode=mode)
+
+
+def test_nvjpeg_decode_falls_back_per_file_only_for_file_failures(tmp_path, monkeypatch):
+    files = [torch.frombuffer(bytearray(_jpeg(_photo(40 + k, 48, seed=k))), dtype=torch.uint8) for k in range(3)]
+    bad_size = files[1].numel()
+    file_err = RuntimeError("nvjpegDecodeBatchedPhaseOne failed: 7")
+    fake = _FakeNvjpeg(batch_error=file_err, file_error=file_err, bad={bad_size})
+    monkeypatch.setattr(gd, "decode_jpeg", fake)
+    out = gd.nvjpeg_decode(files, torch.device("cpu"))
+    assert [o is None for o in out] == [False, True, False] and fake.calls == 4  # batch, then file by file
+    assert torch.equal(out[0], decode_jpeg(files[0], mode=ImageReadMode.RGB))
+    # The device failing is not a file nvjpeg rejects: raised as is, in the batched call or file by file.
+    for err in (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                RuntimeError("CUDA error: an illegal memory access was encountered"),
+                RuntimeError("nvjpeg: out of memory")):
+        monkeypatch.setattr(gd, "decode_jpeg", _FakeNvjpeg(batch_error=err))
+        with pytest.raises(type(err), match=str(err)[:20]):
+            gd.nvjpeg_decode(files, torch.device("cpu"))
+        monkeypatch.setattr(gd, "decode_jpeg", _FakeNvjpeg(batch_error=file_err, file_error=err, bad={bad_size}))
+        with pytest.raises(type(err), match=str(err)[:20]):
+            gd.nvjpeg_decode(files, torch.device("cpu"))
 
 
 def test_a_file_no_decoder_can_read_names_the_file(tmp_path):
@@ -265,6 +304,20 @@ def test_gpu_pipeline_is_refused_without_cuda():
         gd.check_available()
 
 
+@pytest.mark.parametrize("error", [RuntimeError("nvjpeg status 6"), OSError("libnvjpeg.so.12: cannot open"),
+                                   AssertionError("Torch not compiled with CUDA enabled")])
+def test_any_probe_failure_is_one_config_error(monkeypatch, error):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(gd, "decode_jpeg", fail)
+    with pytest.raises(ConfigError, match=r"^config key 'data.pipeline': 'gpu' cannot decode with nvjpeg here \("
+                       + str(error).split(":")[0]):
+        gd.check_available()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvjpeg)")
 def test_nvjpeg_matches_the_cpu_decode_on_cuda(tmp_path):  # pragma: no cover - runs on GPU machines
     gd.check_available()
@@ -274,8 +327,40 @@ def test_nvjpeg_matches_the_cpu_decode_on_cuda(tmp_path):  # pragma: no cover - 
     loader, tf = tr.build_train_transform(64, "fcanet", "gpu")
     ds = RobustImageFolder(root, transform=tf, loader=loader)
     batch, _, _ = collate([ds[(i, 7 + i)] for i in range(len(ds))])
-    x = batch.pin_memory().to_model_input(torch.device("cuda"), channels_last=True)
+    batch.pin_memory()
+    assert batch.jpeg_data.is_pinned() and batch.cpu_index.is_pinned()  # copied to the GPU without blocking
+    x = batch.to_model_input(torch.device("cuda"), channels_last=True)
     ref = batch.to_model_input(torch.device("cuda"), channels_last=True, decode=cpu_decode)
     assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
     diff = (_unnormalize(x.cpu()) - _unnormalize(ref.cpu())).abs()
     assert diff.mean() < 2.0 and diff.max() < 40  # IDCT / chroma upsampling differ slightly from libjpeg-turbo
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvjpeg)")
+def test_prefetched_nvjpeg_batches_match_the_cpu_decode_with_a_busy_default_stream(tmp_path):  # pragma: no cover
+    """DevicePrefetcher decodes the next batch on its side stream while the default stream is kept busy, so the
+    previous batch's crop/resize kernels are still queued when the next decode reuses the blocks they read
+    (torchvision's decode_jpeg writes on its own stream). Every batch must still equal the CPU decode."""
+    from engine.loader import DevicePrefetcher
+    gd.check_available()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    files = {f"c{k % 3}/{k}.jpg": _jpeg(_photo(240 + 16 * k, 320 - 4 * k, seed=k), quality=95) for k in range(24)}
+    root = _tree(tmp_path, files)
+    loader, tf = tr.build_val_transform(64, 72, "gpu")  # deterministic: a second pass gives the same batches
+    ds = RobustImageFolder(root, transform=tf, loader=loader)
+    batches = [[(4 * b + i) % len(ds) for i in range(4)] for b in range(20)]
+    refs = [collate([ds[i] for i in b])[0].to_model_input("cpu", decode=cpu_decode) for b in batches]
+    dl = build_dataloader(ds, batch_sampler=batches, workers=0, device=dev, collate_fn=collate)
+    busy = torch.randn(4096, 4096, device=dev) / 64  # (4096, 4096): ~3 ms per matmul on the default stream
+    got = []
+    for x, y, skipped in DevicePrefetcher(dl, dev):
+        for _ in range(8):
+            busy = busy @ busy
+            busy = busy / busy.norm()  # keep it finite
+        got.append(x)  # compared at the end: reading it now would drain the default stream
+    torch.cuda.synchronize(dev)
+    assert len(got) == len(refs) == 20
+    for k, (x, ref) in enumerate(zip(got, refs)):
+        diff = (_unnormalize(x.cpu()) - _unnormalize(ref)).abs()  # (4, 3, 64, 64)
+        per_image = diff.flatten(1).mean(1)
+        assert per_image.max() < 2.0 and diff.max() < 40, (k, per_image.tolist(), diff.max().item())

@@ -18,13 +18,13 @@ TINY = dict(widths=(16, 32, 64, 128), input_size=64)
 
 
 def paper_grid():
-    rows = csv.DictReader(open(PAPER / "fig4_single_frequency.csv"))
-    return {(int(r["u"]), int(r["v"])): float(r["top1_unrounded"]) for r in rows}
+    with open(PAPER / "fig4_single_frequency.csv", newline="") as f:
+        return {(int(r["u"]), int(r["v"])): float(r["top1_unrounded"]) for r in csv.DictReader(f)}
 
 
 def published(method):
-    rows = csv.DictReader(open(PAPER / "published_frequency_orders.csv"))
-    return [(int(r["u"]), int(r["v"])) for r in rows if r["method"] == method]
+    with open(PAPER / "published_frequency_orders.csv", newline="") as f:
+        return [(int(r["u"]), int(r["v"])) for r in csv.DictReader(f) if r["method"] == method]
 
 
 # ---------------------------------------------------------------- DCT and frequency selection
@@ -173,7 +173,8 @@ PAPER_PARAMS = {  # Table 2, millions
 
 
 def test_table2_parameter_counts_exact():
-    rows = list(csv.DictReader(open(PAPER / "table2_imagenet.csv")))
+    with open(PAPER / "table2_imagenet.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     from_csv = {(r["method"].lower(), int(r["backbone"].split("-")[1])): float(r["params_M"]) for r in rows}
     for family, depths in PAPER_PARAMS.items():
         for depth, expect in depths.items():

@@ -13,6 +13,7 @@ import torch
 
 from conftest import BASE_CONFIG, ROOT, subprocess_env, tiny_overrides, write_tiny_imagefolder
 from engine.config import load_config
+from engine.schedule import WarmupCosineSchedule, scaled_lr
 from engine.trainer import SimulatedKill, fit
 
 
@@ -57,7 +58,12 @@ def test_run_directory_layout(reference):
     assert [r["epoch"] for r in rows] == [1, 2]
     for key in ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "img_per_s", "epoch_time_s"):
         assert all(isinstance(r[key], float) for r in rows), key
-    assert rows[-1]["val_count"] == 12 and rows[-1]["lr"] == 0.0  # cosine reaches 0 at the end
+    assert rows[-1]["val_count"] == 12
+    # each row's lr is the one its epoch's last step used (the cosine reaches 0 only after the run's last step)
+    cfg = load_config(out / "config.yaml")
+    schedule = WarmupCosineSchedule.from_epochs(scaled_lr(cfg.optim.base_lr, cfg.train.batch_size), 6, 2,
+                                                cfg.train.warmup_epochs)
+    assert [r["lr"] for r in rows] == [schedule.lr(5), schedule.lr(11)] and rows[-1]["lr"] > 0
     saved = json.loads((out / "summary.json").read_text())
     assert saved == json.loads(json.dumps(summary))
     for key in ("best_top1", "final_top1", "final_top5", "epochs", "train_img_per_s", "wall_time_s", "gpu_hours",
@@ -102,8 +108,8 @@ def test_resume_with_more_epochs_follows_the_new_schedule(data, tmp_path):
     rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     peak = 0.1 * 4 / 256
-    # lr after the last step of epoch 2 of a 3-epoch (18-step) cosine
-    assert rows[1]["lr"] == pytest.approx(lr_at(12, peak, 0, 18))
+    # lr of the last step of epoch 2 (global step 11, 0-based) of a 3-epoch (18-step) cosine
+    assert rows[1]["lr"] == pytest.approx(lr_at(11, peak, 0, 18))
     after = final_state(tmp_path)
     assert not torch.equal(before["model"]["fc.weight"], after["model"]["fc.weight"])
 

@@ -28,8 +28,9 @@ from torch import nn
 from models.attention import FCA, SE
 from models.dct import parse_frequencies
 
-from .common import (BenchError, device_args, interleaved_rates, machine_description, make_train_step, md_table,
-                     pick_device, report_args, resolve_precision, setup_threads, step_clock, sync, write_report)
+from .common import (BenchError, device_args, interleaved_rates, interleaved_step_times, machine_description,
+                     make_train_step, md_table, pick_device, report_args, resolve_precision, setup_threads, sync,
+                     write_report)
 
 
 STAGES = ((256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7))  # ResNet-50 at 224x224: (C, H, W)
@@ -211,17 +212,8 @@ def bench_models(args, device: torch.device) -> tuple[str, dict]:
         for _ in range(max(1, args.warmup)):  # >= 1: the optimizer state exists before the memory measurement
             steps[n](images, targets)
     peaks = {n: peak_bytes(lambda n=n: steps[n](images, targets), device) for n in names}
-    times = {n: [] for n in names}
-    clock = step_clock(device)
-    for r in range(args.rounds):
-        for n in names:
-            sync(device)
-            t0 = clock()
-            for _ in range(args.steps):
-                steps[n](images, targets)
-            sync(device)
-            times[n].append((clock() - t0) / args.steps)
-        print(f"  model round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names))
+    times = interleaved_step_times({n: (lambda n=n: steps[n](images, targets)) for n in names}, device,
+                                   args.rounds, args.steps, label="model round")
     med = {n: statistics.median(times[n]) for n in names}
     rows = [[n, f"{med[n] * 1e3:.1f}", f"{args.model_batch / med[n]:.2f}", f"{med['resnet50'] / med[n]:.3f}",
              f"{med['senet50'] / med[n]:.3f}", f"{peaks[n] / 2**20:.0f}", f"{peaks[n] / peaks['fcanet50']:.3f}"]

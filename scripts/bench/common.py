@@ -200,16 +200,20 @@ def interleaved_rates(fns: dict[Any, Callable[[], Any]], seconds: float, slice_s
 # ----------------------------------------------------------------------------------------------- train
 def make_train_step(model: torch.nn.Module, device: torch.device, precision: str, channels_last: bool,
                     compile_model: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """One SGD training step (the recipe's optimizer and loss) on a uint8 batch; returns the loss tensor
-    without synchronizing the host."""
+    """One SGD training step (the trainer's optimizer, scaler and loss: :func:`engine.builders.make_sgd`,
+    :func:`engine.builders.make_scaler`) on a uint8 batch; returns the loss tensor without synchronizing the
+    host."""
+    from engine.builders import make_scaler, make_sgd
     from engine.transforms import to_model_input
     model.to(device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    # The trainer's optimizer and scaler (fused SGD on CUDA; under fp16 the for-each SGD would make the scaler
+    # sync the host every step): the benchmark times the step the trainer runs.
+    opt = make_sgd(model, 0.1, device)
     crit = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     dtype = PRECISIONS[precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler = make_scaler("fp16" if precision == "fp16" else "off")
     fwd = torch.compile(model) if compile_model else model
 
     def step(images_u8: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -223,6 +227,31 @@ def make_train_step(model: torch.nn.Module, device: torch.device, precision: str
         return loss.detach()
 
     return step
+
+
+def interleaved_step_times(steps: dict[str, Callable[[], Any]], device: torch.device, rounds: int, n_steps: int,
+                           label: str = "round", peaks: Optional[dict[str, int]] = None) -> dict[str, list[float]]:
+    """Seconds per call of each step function (:func:`step_clock`), over ``rounds`` rounds in which every
+    function runs ``n_steps`` times in turn (interleaved, so that a change of machine load hits them alike);
+    one list per name, each round printed as ``label``. With ``peaks`` on CUDA, each name's peak allocated
+    memory over its steps is recorded there."""
+    cuda = device.type == "cuda"
+    clock = step_clock(device)
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    for r in range(rounds):
+        for name, step in steps.items():
+            if cuda and peaks is not None:
+                torch.cuda.reset_peak_memory_stats(device)
+            sync(device)
+            t0 = clock()
+            for _ in range(n_steps):
+                step()
+            sync(device)
+            times[name].append((clock() - t0) / n_steps)
+            if cuda and peaks is not None:
+                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(device))
+        print(f"  {label} {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in steps))
+    return times
 
 
 def resolve_precision(precision: Optional[str], device: torch.device) -> str:

@@ -28,9 +28,9 @@ from typing import Callable
 import torch
 
 from .attention import QUICK_STAGES, STAGES, bench_stage
-from .common import (BenchError, device_args, jpeg_args, machine_description, make_train_step,
-                     md_table, parse_sizes, pick_device, report_args, resolve_precision, setup_threads, step_clock,
-                     sync, write_jpeg_imagefolder, write_report)
+from .common import (BenchError, device_args, interleaved_step_times, jpeg_args, machine_description,
+                     make_train_step, md_table, parse_sizes, pick_device, report_args, resolve_precision,
+                     setup_threads, sync, write_jpeg_imagefolder, write_report)
 from .trainer import our_trainer_run, reference_recipe_run
 
 NEEDS_CUDA = "needs CUDA"
@@ -79,7 +79,6 @@ def bench_steps(args, device: torch.device, budget: Budget) -> tuple[str, dict[s
     """Section 1; returns its Markdown and {variant label: median img/s} (used by section 3's ratios)."""
     cuda = device.type == "cuda"
     builders = _builders(args)
-    clock = step_clock(device)
     medians: dict[str, float] = {}
     text = []
     main_batch = max(args.batches)
@@ -118,22 +117,9 @@ def bench_steps(args, device: torch.device, budget: Budget) -> tuple[str, dict[s
             for _ in range(args.warmup):
                 step(images, targets)
         sync(device)
-        times: dict[str, list[float]] = {n: [] for n in steps}
         peak: dict[str, int] = {}
-        for r in range(args.rounds):
-            for n, step in steps.items():
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats(device)
-                sync(device)
-                t0 = clock()
-                for _ in range(args.steps):
-                    step(images, targets)
-                sync(device)
-                times[n].append((clock() - t0) / args.steps)
-                if cuda:
-                    peak[n] = max(peak.get(n, 0), torch.cuda.max_memory_allocated(device))
-            print(f"  batch {batch} round {r + 1}/{args.rounds}: "
-                  + ", ".join(f"{n} {batch / times[n][-1]:.0f}" for n in steps) + " img/s")
+        times = interleaved_step_times({n: (lambda f=f: f(images, targets)) for n, f in steps.items()}, device,
+                                       args.rounds, args.steps, label=f"batch {batch} round", peaks=peak)
         ips = {n: [batch / t for t in times[n]] for n in steps}
         med = {n: statistics.median(v) for n, v in ips.items()}
         for n, v in med.items():

@@ -7,8 +7,8 @@ import statistics
 
 import torch
 
-from .common import (BenchError, device_args, machine_description, make_train_step, md_table, pick_device,
-                     report_args, resolve_precision, setup_threads, spread, step_args, step_clock, sync,
+from .common import (BenchError, device_args, interleaved_step_times, machine_description, make_train_step,
+                     md_table, pick_device, report_args, resolve_precision, setup_threads, spread, step_args, sync,
                      write_report)
 
 
@@ -35,26 +35,13 @@ def run(args) -> None:
         except (ValueError, KeyError) as e:
             raise BenchError(f"--models: {e}") from None
         steps[name] = make_train_step(model, device, args.precision, args.channels_last, args.compile)
-    times: dict[str, list[float]] = {n: [] for n in names}
     peak: dict[str, int] = {}
-    clock = step_clock(device)
     for name in names:  # warm-up (allocator, cudnn autotune, compile)
         for _ in range(args.warmup):
             steps[name](images, targets)
         sync(device)
-    for r in range(args.rounds):
-        for name in names:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            sync(device)
-            t0 = clock()
-            for _ in range(args.steps):
-                steps[name](images, targets)
-            sync(device)
-            times[name].append((clock() - t0) / args.steps)
-            if device.type == "cuda":
-                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(device))
-        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names))
+    times = interleaved_step_times({n: (lambda n=n: steps[n](images, targets)) for n in names}, device,
+                                   args.rounds, args.steps, peaks=peak)
     ips = {n: [args.batch / t for t in times[n]] for n in names}
     med = {n: statistics.median(ips[n]) for n in names}
     base = names[0]
