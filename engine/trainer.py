@@ -200,8 +200,11 @@ class Trainer:
         if self.optim.scaler.is_enabled() and ckpt["scaler"]:  # a bf16/off checkpoint has no scaler state
             self.optim.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["state"])
-        if "meter" in ckpt:
-            self.meter.load(ckpt["meter"])
+        meters = ckpt.get("meter")
+        if isinstance(meters, dict):  # older checkpoints kept rank 0's running sums only
+            meters = [meters]
+        if meters is not None and len(meters) == self.info.world_size:
+            self.meter.load(meters[self.info.rank])  # this rank's running sums of the interrupted epoch
         rng = ckpt["rng"]
         if len(rng) == self.info.world_size:
             ckpt_lib.set_rng_state(rng[self.info.rank])
@@ -255,7 +258,8 @@ class Trainer:
             "scaler": self.optim.scaler.state_dict(),
             "epoch": s.epoch, "step_in_epoch": s.step_in_epoch, "global_step": s.global_step,
             "steps_per_epoch": self.steps_per_epoch, "world_size": self.info.world_size,
-            "config": self.cfg.to_dict(), "state": asdict(s), "meter": self.meter.state(),
+            "config": self.cfg.to_dict(), "state": asdict(s),
+            "meter": dist_lib.all_gather_object(self.meter.state()),  # every rank's running sums, like its RNG
             "rng": dist_lib.all_gather_object(ckpt_lib.get_rng_state()),
         }
 
