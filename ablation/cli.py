@@ -56,7 +56,8 @@ def make_parser() -> argparse.ArgumentParser:
                             ("collect", "write tables and figures from the runs' summaries")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--study", required=True, help=f"one of {', '.join(STUDIES)}")
-        p.add_argument("--preset", required=True, help=f"one of {', '.join(available_presets())}")
+        p.add_argument("--preset", required=True,
+                       help=f"one of {', '.join(available_presets())}, or the path of a preset .yaml file")
         p.add_argument("--seeds", type=_positive_int, default=None,
                        help="seeds per point: 0..N-1 (default: the preset's 'seeds')")
         p.add_argument("--output", type=Path, default=None,
@@ -101,15 +102,20 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def preset_name(preset: str) -> str:
+    """``mini`` -> ``mini``; ``path/to/my.yaml`` -> ``my`` (the default results/runs folder name)."""
+    return Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset
+
+
 def _plan(args) -> Plan:
     output = args.output
-    runs_root = args.runs_dir if args.runs_dir is not None else default_runs_root(args.preset, output)
+    runs_root = args.runs_dir if args.runs_dir is not None else default_runs_root(preset_name(args.preset), output)
     return build_plan(args.study, args.preset, seeds=args.seeds, runs_root=runs_root, freq_source=args.freq_source,
                       base_checkpoint=args.base_checkpoint, finetune_schedule=args.finetune_schedule)
 
 
 def _output(args) -> Path:
-    return args.output if args.output is not None else REPO / "results" / args.preset
+    return args.output if args.output is not None else REPO / "results" / preset_name(args.preset)
 
 
 def throughput_note(plan: Plan, given: Optional[float]) -> tuple[float, str]:
@@ -126,9 +132,10 @@ def throughput_note(plan: Plan, given: Optional[float]) -> tuple[float, str]:
 def cmd_plan(args) -> int:
     plan = _plan(args)
     throughput, source = throughput_note(plan, args.throughput)
+    unit = "CPU process" if plan.preset.get("hardware") == "cpu" else "GPU"
     print(f"# study {plan.study}, preset {plan.preset['name']} ({plan.preset['path']}), seeds {plan.seeds}, "
           f"runs in {plan.runs_root}")
-    print(f"# throughput: {throughput:g} training img/s per GPU: {source}")
+    print(f"# throughput: {throughput:g} training img/s per {unit}: {source}")
     if plan.freq_source:
         print(f"# frequency source: {plan.freq_source}")
     if plan.study == "single_freq":
@@ -154,7 +161,7 @@ def cmd_plan(args) -> int:
     npoints = sum(1 for r in plan.runs if r.point != "base")
     extra = f" + {len(plan.runs) - npoints} dependency" if len(plan.runs) > npoints else ""
     print(f"# total: {npoints} runs{extra} ({done} complete), {epochs} epochs x {plan.preset['train_images']} "
-          f"images, {total_h:.4g} GPU-hours at {throughput:g} img/s/GPU ({left:.4g} left; training only, "
+          f"images, {total_h:.4g} {unit}-hours at {throughput:g} img/s/{unit} ({left:.4g} left; training only, "
           f"evaluation and start-up not included)")
     return 0
 

@@ -228,8 +228,8 @@ def protocol_notes(plan: Plan, records) -> list[str]:
                          f"Sec. 4.2)",
                  "paper-code": "the authors' main.py length: 5 warmup + 95 cosine epochs, of which the fine-tune "
                                f"runs the first {cfg.train.epochs} (`--finetune-schedule paper-code`)"}
-        notes.append(f"- **Fine-tune lr.** base_lr {cfg.optim.base_lr:g} read as per 256 images (x "
-                     f"{cfg.train.batch_size} / 256 per process); the paper's \"lr 0.02\" does not say per how many "
+        notes.append(f"- **Fine-tune lr.** base_lr {cfg.optim.base_lr:g} read as per 256 images (lr = base_lr x global "
+                     f"batch / 256; batch {cfg.train.batch_size} per process); the paper's \"lr 0.02\" does not say per how many "
                      f"images. Schedule: {sched[plan.finetune_schedule]}. Attention is freshly initialised on the "
                      f"plain base network; `--finetune-schedule paper-code` measures the other reading.")
     elif cfg is not None:

@@ -158,7 +158,7 @@ def run_one(run: Run, prefix: Sequence[str], quiet: bool = False, launcher: str 
             print(f"[ablation] run {run.name}: {shlex.join(cmd)}", flush=True)
         if threading_main():
             signal.signal(signal.SIGTERM, _raise_terminated)
-        start = time.time()
+        start, cpu_start = time.time(), _children_cpu()
         with open(log_path, "a") as log:
             log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
             log.flush()
@@ -192,7 +192,9 @@ def run_one(run: Run, prefix: Sequence[str], quiet: bool = False, launcher: str 
             print(f"[ablation] FAILED {run.name}: trainer exited 0 but {run.run_dir / 'summary.json'} does not "
                   f"report {run.epochs} epochs; log: {log_path}", flush=True)
             return "failed"
-        print(f"[ablation] done {run.name}: {result_text(run.run_dir)} in {elapsed:.0f} s", flush=True)
+        cpu = _children_cpu() - cpu_start
+        print(f"[ablation] done {run.name}: {result_text(run.run_dir)} in {elapsed:.0f} s (CPU {cpu:.0f} s)",
+              flush=True)
         return "ran"
     except (KeyboardInterrupt, _Terminated):
         if proc is not None:
@@ -202,6 +204,14 @@ def run_one(run: Run, prefix: Sequence[str], quiet: bool = False, launcher: str 
         if threading_main():
             signal.signal(signal.SIGTERM, old_term)
         lock.release()
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's finished children (the trainers): a run's cost in core-seconds,
+    which, unlike its wall time, does not grow when other jobs share the cores."""
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def result_text(run_dir: Path) -> str:

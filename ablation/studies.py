@@ -102,14 +102,22 @@ def available_presets() -> list[str]:
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    presets = available_presets()
-    if name not in presets:
-        raise AblationError(f"unknown preset {name!r}; expected one of {', '.join(presets)}")
-    path = PRESET_DIR / f"{name}.yaml"
+    """A preset by name (``configs/ablation/<name>.yaml``) or by the path of a YAML file of the same layout."""
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name)
+        if not path.is_file():
+            raise AblationError(f"preset file {path} not found")
+    else:
+        presets = available_presets()
+        if name not in presets:
+            raise AblationError(f"unknown preset {name!r}; expected one of {', '.join(presets)} or a .yaml file")
+        path = PRESET_DIR / f"{name}.yaml"
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise AblationError(f"preset file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise AblationError(f"preset file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except OSError as exc:
+        raise AblationError(f"preset file {path}: {exc.strerror or exc}") from None
     if not isinstance(data, dict):
         raise AblationError(f"preset file {path} is not a YAML mapping")
     for key in ("train_images", "throughput", "base", "studies"):
@@ -124,6 +132,7 @@ def load_preset(name: str) -> dict[str, Any]:
     if missing:
         raise AblationError(f"preset file {path} does not define the studies {', '.join(missing)}")
     data.setdefault("common_overrides", {})
+    data.setdefault("name", path.stem)
     data["path"] = str(path)
     return data
 
@@ -326,7 +335,7 @@ def build_plan(study: str, preset_name: str, seeds: Optional[int] = None, runs_r
                             f"{', '.join(FINETUNE_SCHEDULES)}")
     if finetune_schedule != "ours" and study != "single_freq":
         raise AblationError(f"--finetune-schedule applies to the single_freq fine-tunes, not to {study}")
-    runs_root = Path(runs_root) if runs_root is not None else default_runs_root(preset_name, None)
+    runs_root = Path(runs_root) if runs_root is not None else default_runs_root(preset["name"], None)
     runs_root = runs_root.resolve()
     spec = preset["studies"][study]
     size = int(preset["grid"])
@@ -349,7 +358,7 @@ def build_plan(study: str, preset_name: str, seeds: Optional[int] = None, runs_r
         overrides["train.epochs"] = int(epochs)
         overrides["seed"] = 0 if seed is None else int(seed)
         overrides["output_dir"] = str(run_dir)
-        name_meta.update({"study": study, "point": point, "seed": overrides["seed"], "preset": preset_name})
+        name_meta.update({"study": study, "point": point, "seed": overrides["seed"], "preset": preset["name"]})
         return Run(study, point, seed, config, int(epochs), run_dir, overrides, name_meta, tuple(depends))
 
     source = None
