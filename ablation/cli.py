@@ -125,8 +125,8 @@ def throughput_note(plan: Plan, given: Optional[float]) -> tuple[float, str]:
     preset = plan.preset
     if preset.get("throughput_measured", False):
         return float(preset["throughput"]), f"measured, see {preset['path']}"
-    return float(preset["throughput"]), (f"ASSUMED, not measured (the preset's 'throughput'); measure your GPU and "
-                                         f"pass --throughput")
+    return float(preset["throughput"]), ("ASSUMED, not measured (the preset's 'throughput'); measure your GPU and "
+                                         "pass --throughput")
 
 
 def cmd_plan(args) -> int:

@@ -228,10 +228,18 @@ def protocol_notes(plan: Plan, records) -> list[str]:
                          f"Sec. 4.2)",
                  "paper-code": "the authors' main.py length: 5 warmup + 95 cosine epochs, of which the fine-tune "
                                f"runs the first {cfg.train.epochs} (`--finetune-schedule paper-code`)"}
-        notes.append(f"- **Fine-tune lr.** base_lr {cfg.optim.base_lr:g} read as per 256 images (lr = base_lr x global "
-                     f"batch / 256; batch {cfg.train.batch_size} per process); the paper's \"lr 0.02\" does not say per how many "
-                     f"images. Schedule: {sched[plan.finetune_schedule]}. Attention is freshly initialised on the "
-                     f"plain base network; `--finetune-schedule paper-code` measures the other reading.")
+        base_runs = [r for r in plan.runs if r.point == "base"]
+        base_cfg = _trainer_config(base_runs[0]) if base_runs else None
+        ratio = ""
+        if base_cfg is not None and base_cfg.optim.base_lr:
+            ratio = (f" It is {cfg.optim.base_lr / base_cfg.optim.base_lr:.2g}x the base run's base_lr "
+                     f"{base_cfg.optim.base_lr:g} (paper: 0.02 / 0.1 = 0.2x) and runs {cfg.train.epochs} epochs after "
+                     f"the base's {base_cfg.train.epochs} (paper: 20 after 100).")
+        notes.append(f"- **Fine-tune lr.** base_lr {cfg.optim.base_lr:g} read as per 256 images (lr = base_lr x "
+                     f"global batch / 256; batch {cfg.train.batch_size} per process); the paper's \"lr 0.02\" does "
+                     f"not say per how many images.{ratio} Schedule: {sched[plan.finetune_schedule]}. Attention is "
+                     f"freshly initialised on the plain base network; `--finetune-schedule paper-code` measures the "
+                     f"other schedule reading.")
     elif cfg is not None:
         notes.append(f"- **Recipe.** {cfg.train.epochs} epochs from scratch, base_lr {cfg.optim.base_lr:g} per 256 "
                      f"images, warmup {cfg.train.warmup_epochs:g} epochs then cosine, label smoothing "

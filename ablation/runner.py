@@ -253,7 +253,8 @@ def select_runs(plan: Plan, index: Optional[int] = None) -> list[Run]:
     if index is None:
         return list(plan.runs)
     if not 0 <= index < len(plan.runs):
-        raise AblationError(f"--index {index} out of range: the plan has {len(plan.runs)} runs (0..{len(plan.runs) - 1})")
+        raise AblationError(f"--index {index} out of range: the plan has {len(plan.runs)} runs "
+                            f"(0..{len(plan.runs) - 1})")
     return [plan.runs[index]]
 
 
@@ -324,7 +325,7 @@ def run_parallel(argv: Sequence[str], jobs: int) -> int:
     hand every point to exactly one of them, and fine-tunes wait for the base run another one trains.
     Returns the worst exit status."""
     cmd = [sys.executable, "-m", "ablation", *argv, "--jobs", "1"]
-    procs = [subprocess.Popen(cmd, cwd=REPO) for _ in range(jobs)]
+    procs = [subprocess.Popen(cmd) for _ in range(jobs)]  # same cwd: relative --output paths keep their meaning
     try:
         codes = [p.wait() for p in procs]
     except BaseException:
@@ -359,7 +360,8 @@ def submit_slurm(plan: Plan, prefix: Sequence[str], gpus: int, partition: Option
     try:
         import submitit
     except ImportError:
-        raise AblationError("--slurm needs the 'submitit' package (pip install submitit), or use --emit-sbatch") from None
+        raise AblationError("--slurm needs the 'submitit' package (pip install submitit), "
+                            "or use --emit-sbatch") from None
     if prepare:
         prepare_data(plan)
     folder = plan.runs_root / "slurm" / plan.study

@@ -290,3 +290,61 @@ def test_bad_base_checkpoint_and_throughput(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ablation", "plan", "--study", "topk", "--preset", "mini",
                            "--throughput", "inf"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--throughput" in proc.stderr
+
+
+def test_finetune_schedule_paper_code(tmp_path, capsys):
+    """`--finetune-schedule paper-code`: the authors' 100-epoch schedule length for the fine-tunes, in separate
+    run directories; refused with one line while the trainer has no key for a schedule length."""
+    from ablation.studies import PAPER_CODE_SCHEDULE_EPOCHS, SCHEDULE_KEY
+    from engine.config import all_keys
+    args = ["plan", "--study", "single_freq", "--preset", "imagenet", "--output", str(tmp_path),
+            "--finetune-schedule", "paper-code"]
+    if SCHEDULE_KEY in all_keys():
+        plan = build_plan("single_freq", "imagenet", runs_root=tmp_path, finetune_schedule="paper-code")
+        assert all(r.overrides[SCHEDULE_KEY] == PAPER_CODE_SCHEDULE_EPOCHS for r in plan.runs[1:])
+        assert "/paper-code/" in str(plan.runs[1].run_dir) and plan.runs[0].run_dir.name == "base"
+        assert main(args) == 0
+    else:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and SCHEDULE_KEY in err
+    with pytest.raises(AblationError, match="applies to the single_freq"):
+        build_plan("topk", "imagenet", runs_root=tmp_path, finetune_schedule="paper-code")
+
+
+def test_plan_starts_without_torch(tmp_path):
+    """`plan` needs only the frequency orders: it must not pay torch's and timm's import time."""
+    code = ("import sys; from ablation.cli import main; "
+            f"rc = main(['plan', '--study', 'lowk', '--preset', 'imagenet100', '--output', {str(tmp_path)!r}]); "
+            "print('RC', rc, 'torch' in sys.modules, 'timm' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.stdout.strip().splitlines()[-1] == "RC 0 False False", p.stdout + p.stderr
+    assert "ASSUMED, not measured" in p.stdout and "GPU-hours at 2500 img/s/GPU" in p.stdout
+
+
+def test_imagenet100_preset_plans():
+    preset = load_preset("imagenet100")
+    assert preset["train_images"] == 126689 and preset["throughput_measured"] is False
+    plan = build_plan("single_freq", "imagenet100", runs_root=Path("/nonexistent"))
+    assert len(plan.runs) == 50 and plan.runs[1].overrides["model.num_classes"] == 100
+    assert plan.runs[1].overrides["data.root"] == "data/imagenet100"
+    total = sum(plan.gpu_hours(r, 2500.0) for r in plan.runs)
+    assert total == pytest.approx(126689 * (40 + 49 * 8) / 2500 / 3600)
+
+
+def test_statistics_helpers():
+    from ablation import stats
+    s = stats.summarize([1.0, 2.0, 3.0])
+    assert s["n"] == 3 and s["mean"] == 2.0 and s["std"] == pytest.approx(1.0)
+    assert s["ci_high"] - 2.0 == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-5)  # t(0.975, 2) * std / sqrt(n)
+    assert stats.summarize([5.0]) == {"n": 1, "mean": 5.0, "std": None, "ci_low": None, "ci_high": None}
+    # Welch's t by hand: t = (m1 - m2) / sqrt(v1/n1 + v2/n2), Welch-Satterthwaite degrees of freedom
+    a, b = [10.0, 11.0, 12.0, 13.0], [7.0, 9.0, 8.5]
+    from scipy.stats import t as tdist
+    va, vb = 1.6666667 / 4, 1.0833333 / 3
+    tval = (11.5 - 8.1666667) / (va + vb) ** 0.5
+    df = (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 2)
+    assert stats.welch_p(a, b) == pytest.approx(2 * tdist.sf(tval, df), rel=1e-5)
+    assert stats.welch_p([1.0], b) is None and stats.welch_p([2.0, 2.0], [2.0, 2.0]) == 1.0
+    assert stats.holm([0.01, None, 0.04, 0.03]) == pytest.approx([0.03, None, 0.06, 0.06])
+    assert stats.mark(0.01) == "0.01 *" and stats.mark(0.2) == "0.2" and stats.mark(None) == "n/a"

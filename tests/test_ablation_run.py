@@ -264,7 +264,8 @@ def test_emit_sbatch(tmp_path):
                  "--emit-sbatch", str(script))
     assert p.returncode == 0, p.stderr
     text = script.read_text()
-    assert "#SBATCH --gpus-per-node=8" in text and "--array=1-49%8" in text and "--index \"$SLURM_ARRAY_TASK_ID\"" in text
+    assert "#SBATCH --gpus-per-node=8" in text and "--array=1-49%8" in text
+    assert "--index \"$SLURM_ARRAY_TASK_ID\"" in text
     assert "#   0: single_freq/base" in text and "#   49: single_freq/u6v6-s0" in text
 
 
