@@ -1,9 +1,11 @@
 """``python -m ablation plan|run|collect --study STUDY --preset PRESET [--seeds N] [--output DIR]``.
 
 * ``plan``: print every run (one per line: name, epochs, GPU-hours, config, overrides) and the estimated
-  GPU-hours; runs nothing. Lines starting with ``#`` are comments (header, dependencies, totals).
-* ``run``: execute the runs not yet complete: locally one after another, or ``--slurm`` (submitit), or
-  ``--emit-sbatch FILE`` (an sbatch array script). Idempotent and safe to run concurrently.
+  GPU-hours, saying whether the throughput behind them is measured or assumed; runs nothing. Lines starting
+  with ``#`` are comments (header, dependencies, totals). Imports no torch, so it starts in well under a second.
+* ``run``: execute the runs not yet complete: locally one after another (``--jobs N``: N at a time), or
+  ``--slurm`` (submitit), or ``--emit-sbatch FILE`` (an sbatch array script). Idempotent and safe to run
+  concurrently. ``--quiet``: one line per run with its result. A bad ``--base-checkpoint`` fails here, once.
 * ``collect``: write ``<output>/<study>/table.md``, ``table.csv``, ``runs.csv`` and the PNG figures.
 
 Run directories live under ``<output>/runs/`` when ``--output`` is given, else under ``runs/ablation/<preset>/``

@@ -329,7 +329,10 @@ def collect_single_freq(plan: Plan, out: Path, records) -> list[Path]:
         if comparable:
             md += grid_table("Difference (ours best − paper)", lambda r: fmt_diff(r["best_top1_mean"],
                                                                                  r["paper_top1"]) or "missing")
-    ranked = sorted((r for r in rows if r["n"]), key=lambda r: -r["best_top1_mean"])
+    from models.dct import rank_frequencies
+    by_point = {(r["u"], r["v"]): r for r in rows if r["n"]}
+    # the criterion's own order (its tie rule included), so the table and the derived Top-k lists agree
+    ranked = [by_point[f] for f in rank_frequencies({f: r["best_top1_mean"] for f, r in by_point.items()}, True)]
     md += ["### Ranking (step one of the two-step criterion, by mean best-epoch top-1)", "",
            f"Significance: {st.TEST_NAME}. `*`: adjusted p < {st.ALPHA:g}.", "",
            "| rank | (u, v) | best top-1 | 95% interval | final top-1 | vs best row | vs (0,0) |"
@@ -337,7 +340,6 @@ def collect_single_freq(plan: Plan, out: Path, records) -> list[Path]:
                                                                                             else "")]
     paper_rank = {}
     if on_paper_grid:
-        from models.dct import rank_frequencies
         order = rank_frequencies({k: float(p["top1_unrounded"]) for k, p in paper.items()}, True)
         paper_rank = {f: i + 1 for i, f in enumerate(order)}
     for i, r in enumerate(ranked):
@@ -352,7 +354,9 @@ def collect_single_freq(plan: Plan, out: Path, records) -> list[Path]:
     write_atomic(out / "table.csv", csv_text(header, rows))
     write_atomic(out / "runs.csv", csv_text(RUNS_HEADER, runs_rows(records)))
     write_atomic(out / "table.md", "\n".join(md))
-    title = (f"{plan.preset['name']} preset: {dataset}; n = {plan.seeds} seed(s) per cell; base top-1 "
+    ns = sorted({r["n"] for r in rows if r["n"]}) or [0]
+    n_text = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+    title = (f"{plan.preset['name']} preset: {dataset}\nn = {n_text} seed(s) per cell; base network top-1 "
              + (f"{base_final:.2f}" if base_final is not None else "n/a"))
     write_atomic(out / "fig4_heatmap.png", heatmap_png(rows, size, title, on_paper_grid, comparable))
     return written
