@@ -54,7 +54,7 @@ def test_reduced_mini_study_end_to_end(tmp_path):
         assert float(r["best_top1_mean"]) >= float(r["final_top1_mean"]) - 1e-6  # best of the evaluations
     md = (out / "single_freq" / "table.md").read_text()
     for needle in ("2x2 grid", "Fine-tunes vs base", "Best vs final", "Fine-tune lr", "Precision", "fp32",
-                   "Welch", "Stability of the two-step criterion", "Machine", "numerics differ"):
+                   "Welch", "Stability of the two-step criterion", "Machine", "Numerics differ"):
         assert needle in md, needle
     assert (out / "single_freq" / "fig4_heatmap.png").stat().st_size > 1000
     k_rows = list(csv.DictReader(open(out / "topk" / "table.csv")))
