@@ -356,7 +356,9 @@ def collect_single_freq(plan: Plan, out: Path, records) -> list[Path]:
     write_atomic(out / "table.md", "\n".join(md))
     ns = sorted({r["n"] for r in rows if r["n"]}) or [0]
     n_text = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
-    title = (f"{plan.preset['name']} preset: {dataset}\nn = {n_text} seed(s) per cell; base network top-1 "
+    stds = sorted(r["best_top1_std"] for r in rows if r["best_top1_std"] is not None)
+    spread = f"; median seed std {stds[len(stds) // 2]:.2f} points" if stds else ""
+    title = (f"{plan.preset['name']} preset: {dataset}\nn = {n_text} seed(s) per cell{spread}; base network top-1 "
              + (f"{base_final:.2f}" if base_final is not None else "n/a"))
     write_atomic(out / "fig4_heatmap.png", heatmap_png(rows, size, title, on_paper_grid, comparable))
     return written
@@ -411,7 +413,8 @@ def heatmap_png(rows, size: int, title: str, on_paper_grid: bool, comparable: bo
         scales = [(finite.min(), finite.max(), "viridis")] * 2
     else:
         right = ours - ref
-        right_title = "Ours minus (0, 0) (* adjusted p < 0.05, Welch)"
+        right_title = (f"Ours minus (0, 0): * = adjusted p < 0.05 (Welch), {int(marks.sum())} of "
+                       f"{int(np.isfinite(right).sum()) - 1} cells")
         lim = np.nanmax(np.abs(right)) if np.isfinite(right).any() and np.nanmax(np.abs(right)) > 0 else 1.0
         f = ours[np.isfinite(ours)]
         scales = [((f.min(), f.max()) if f.size else (0.0, 1.0)) + ("viridis",), (-lim, lim, "RdBu")]
