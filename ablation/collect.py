@@ -180,8 +180,11 @@ def cell_vs(row: dict[str, Any], which: str) -> str:
 
 
 def stat_columns(prefix: str, s: dict[str, Any]) -> dict[str, Any]:
-    return {f"{prefix}_mean": _r(s["mean"]), f"{prefix}_std": _r(s["std"]), f"{prefix}_ci_low": _r(s["ci_low"]),
-            f"{prefix}_ci_high": _r(s["ci_high"])}
+    """Table columns of one statistic; the interval is clipped to the possible range of an accuracy, [0, 100]."""
+    lo = None if s["ci_low"] is None else max(0.0, s["ci_low"])
+    hi = None if s["ci_high"] is None else min(100.0, s["ci_high"])
+    return {f"{prefix}_mean": _r(s["mean"]), f"{prefix}_std": _r(s["std"]), f"{prefix}_ci_low": _r(lo),
+            f"{prefix}_ci_high": _r(hi)}
 
 
 def stat_header(prefix: str) -> list[str]:
@@ -249,7 +252,8 @@ def protocol_notes(plan: Plan, records) -> list[str]:
                  "ResNet/SENet/ECANet numbers are quoted from their original papers, not trained with the FcaNet "
                  "recipe; baselines reproduced with this recipe are likely higher (the paper's own (0, 0) fine-tune "
                  "reaches 77.26 vs the quoted SENet-50 76.71).")
-    notes.append(f"- **Statistics.** Mean ± sample std over n seeds; 95% interval = Student-t interval of the mean. "
+    notes.append(f"- **Statistics.** Mean ± sample std over n seeds; 95% interval = Student-t interval of the mean "
+                 f"(clipped to [0, 100]). "
                  f"Significance: {st.TEST_NAME}; `*` = adjusted p < {st.ALPHA:g}; n/a = fewer than 2 seeds on a "
                  f"side.")
     if not preset.get("paper_comparable", False):
