@@ -535,7 +535,7 @@ def collect_k(plan: Plan, out: Path, records) -> list[Path]:
     write_atomic(out / "table.csv", csv_text(header, rows))
     write_atomic(out / "runs.csv", csv_text(RUNS_HEADER, runs_rows(records)))
     write_atomic(out / "table.md", "\n".join(md))
-    title = f"{label} ({plan.preset['name']} preset: {dataset}; source: {plan.freq_source}; n = {plan.seeds} seed(s))"
+    title = f"{label} ({plan.preset['name']} preset, source: {plan.freq_source}, n = {plan.seeds} seed(s))\n{dataset}"
     write_atomic(out / curve, curve_png(rows, title, separate_axes=not comparable))
     return [out / "table.csv", out / "table.md", out / "runs.csv", out / curve]
 
@@ -577,7 +577,7 @@ def curve_png(rows, title: str, separate_axes: bool = False) -> bytes:
     ax.set_ylabel("top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left" if separate_axes else "best")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
