@@ -198,8 +198,15 @@ def _stats_of(row: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------- protocol notes
 def machines(records) -> list[str]:
-    return sorted({str(r["recorded"]["machine"]) for r in records if r["summary"] and r["recorded"]
-                   and r["recorded"].get("machine")})
+    """Where the complete runs trained: the CPU model the runner recorded, and the trainer's device if not the
+    CPU (``summary.json`` ``device``, e.g. a GPU name)."""
+    found = set()
+    for r in records:
+        if r["summary"] and r["recorded"] and r["recorded"].get("machine"):
+            device = r["summary"].get("device")
+            cpu = str(r["recorded"]["machine"])
+            found.add(cpu if device in (None, "cpu") else f"{device} (host CPU: {cpu})")
+    return sorted(found)
 
 
 def _trainer_config(run):
