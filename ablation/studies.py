@@ -290,7 +290,11 @@ def check_base_checkpoint(path: str, run: Run) -> str:
     try:
         state = models.read_state_dict(str(file))
     except (ValueError, OSError) as exc:
-        raise AblationError(f"--base-checkpoint {path}: {str(exc).splitlines()[0]}") from None
+        reason = str(exc).splitlines()[0]
+        if "weights_only" in reason:  # torch's advice to load unsafely is wrong for garbage and unsafe for pickles
+            reason = ("not a PyTorch checkpoint of tensors (unreadable, or it holds non-tensor Python objects, "
+                      "which are never unpickled)")
+        raise AblationError(f"--base-checkpoint {path}: {reason}") from None
     attention = sorted(k for k in state if ".att." in k)
     if attention:
         raise AblationError(f"--base-checkpoint {path}: holds attention weights ({attention[0]}, ...); the "

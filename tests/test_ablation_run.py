@@ -246,12 +246,13 @@ def test_bad_base_checkpoint_fails_once_at_planning(tmp_path):
     torch.save({"model": models.create_model("resnet10", num_classes=5, **kw).state_dict()}, classes)
     good = tmp_path / "r10.pth"
     torch.save({"model": models.create_model("resnet10", num_classes=10, **kw).state_dict()}, good)
-    for path, needle in ((junk, "cannot read checkpoint"), (fca, "holds attention weights"),
+    for path, needle in ((junk, "not a PyTorch checkpoint"), (fca, "holds attention weights"),
                          (classes, "does not fit the preset's network"), (tmp_path / "nope.pth", "file not found")):
         p = ablation("run", "--study", "single_freq", "--preset", "mini", "--output", str(out), "--trainer-cmd", FAKE,
                      "--base-checkpoint", str(path))
         assert p.returncode == 2 and p.stdout == "", (path, p.stdout)
         assert p.stderr.startswith("error: --base-checkpoint") and needle in p.stderr and p.stderr.count("\n") == 1
+        assert "weights_only=False" not in p.stderr and "set to `False`" not in p.stderr  # never advise unsafe loads
         assert not (out / "runs" / "single_freq").exists()  # nothing started
     p = ablation("plan", "--study", "single_freq", "--preset", "mini", "--output", str(out),
                  "--base-checkpoint", str(good))
