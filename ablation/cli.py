@@ -1,9 +1,11 @@
 """``python -m ablation plan|run|collect --study STUDY --preset PRESET [--seeds N] [--output DIR]``.
 
 * ``plan``: print every run (one per line: name, epochs, GPU-hours, config, overrides) and the estimated
-  GPU-hours; runs nothing. Lines starting with ``#`` are comments (header, dependencies, totals).
-* ``run``: execute the runs not yet complete: locally one after another, or ``--slurm`` (submitit), or
-  ``--emit-sbatch FILE`` (an sbatch array script). Idempotent and safe to run concurrently.
+  GPU-hours, saying whether the throughput behind them is measured or assumed; runs nothing. Lines starting
+  with ``#`` are comments (header, dependencies, totals). Imports no torch, so it starts in well under a second.
+* ``run``: execute the runs not yet complete: locally one after another (``--jobs N``: N at a time), or
+  ``--slurm`` (submitit), or ``--emit-sbatch FILE`` (an sbatch array script). Idempotent and safe to run
+  concurrently. ``--quiet``: one line per run with its result. A bad ``--base-checkpoint`` fails here, once.
 * ``collect``: write ``<output>/<study>/table.md``, ``table.csv``, ``runs.csv`` and the PNG figures.
 
 Run directories live under ``<output>/runs/`` when ``--output`` is given, else under ``runs/ablation/<preset>/``
@@ -17,11 +19,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .studies import FREQ_SOURCES, REPO, STUDIES, AblationError, Plan, available_presets, build_plan, \
-    default_runs_root, is_complete, stale_reason
+from .studies import FINETUNE_SCHEDULES, FREQ_SOURCES, REPO, STUDIES, AblationError, Plan, available_presets, \
+    build_plan, default_runs_root, is_complete, stale_reason
 
 DEFAULT_THROUGHPUT_HELP = ("training images/s per GPU for the GPU-hours estimate (default: the preset's "
-                           "'throughput'; imagenet: 1200, about ResNet-50 with AMP on one V100; an A100 does roughly 2x)")
+                           "'throughput', an assumption unless the preset says it was measured)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,8 +58,10 @@ def make_parser() -> argparse.ArgumentParser:
                             ("collect", "write tables and figures from the runs' summaries")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--study", required=True, help=f"one of {', '.join(STUDIES)}")
-        p.add_argument("--preset", required=True, help=f"one of {', '.join(available_presets())}")
-        p.add_argument("--seeds", type=_positive_int, default=1, help="seeds per point: 0..N-1 (default 1)")
+        p.add_argument("--preset", required=True,
+                       help=f"one of {', '.join(available_presets())}, or the path of a preset .yaml file")
+        p.add_argument("--seeds", type=_positive_int, default=None,
+                       help="seeds per point: 0..N-1 (default: the preset's 'seeds')")
         p.add_argument("--output", type=Path, default=None,
                        help="results directory (default results/<preset>/); runs go to <output>/runs/")
         p.add_argument("--runs-dir", type=Path, default=None, help="run directories (overrides the default)")
@@ -66,6 +70,10 @@ def make_parser() -> argparse.ArgumentParser:
                             "'published' (the authors' orders) or 'auto' (measured when complete; default)")
         p.add_argument("--base-checkpoint", default=None,
                        help="single_freq: fine-tune from this plain-ResNet checkpoint instead of training the base run")
+        p.add_argument("--finetune-schedule", choices=FINETUNE_SCHEDULES, default="ours",
+                       help="single_freq fine-tune lr schedule: 'ours' (warmup + cosine to 0 over the fine-tune's "
+                            "epochs; default) or 'paper-code' (the authors' main.py length: 5 warmup + 95 cosine "
+                            "epochs, of which the fine-tune runs the first ones); separate run directories")
         if name == "plan":
             p.add_argument("--throughput", type=_positive_float, default=None, help=DEFAULT_THROUGHPUT_HELP)
         if name == "run":
@@ -75,7 +83,11 @@ def make_parser() -> argparse.ArgumentParser:
             p.add_argument("--limit", type=_nonneg_int, default=None, help="start at most N runs, then stop")
             p.add_argument("--index", type=_nonneg_int, default=None,
                            help="run only the plan's run number I (0-based; used by sbatch arrays)")
-            p.add_argument("--quiet", action="store_true", help="trainer output only to <run_dir>/train.log")
+            p.add_argument("--quiet", action="store_true",
+                           help="one line per run with its result; trainer output only to <run_dir>/train.log")
+            p.add_argument("--jobs", type=_positive_int, default=1,
+                           help="runs trained at the same time (N runner processes sharing the plan's locks; "
+                                "CPU presets: up to the core count)")
             p.add_argument("--launcher", choices=("auto", "subprocess", "fork"), default="auto",
                            help="'subprocess': a fresh trainer process per run; 'fork': fork this process, which "
                                 "imports the trainer once (CPU presets; saves the start-up per run); 'auto' "
@@ -92,24 +104,44 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def preset_name(preset: str) -> str:
+    """``mini`` -> ``mini``; ``path/to/my.yaml`` -> ``my`` (the default results/runs folder name)."""
+    return Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset
+
+
 def _plan(args) -> Plan:
     output = args.output
-    runs_root = args.runs_dir if args.runs_dir is not None else default_runs_root(args.preset, output)
+    runs_root = args.runs_dir if args.runs_dir is not None else default_runs_root(preset_name(args.preset), output)
     return build_plan(args.study, args.preset, seeds=args.seeds, runs_root=runs_root, freq_source=args.freq_source,
-                      base_checkpoint=args.base_checkpoint)
+                      base_checkpoint=args.base_checkpoint, finetune_schedule=args.finetune_schedule)
 
 
 def _output(args) -> Path:
-    return args.output if args.output is not None else REPO / "results" / args.preset
+    return args.output if args.output is not None else REPO / "results" / preset_name(args.preset)
+
+
+def throughput_note(plan: Plan, given: Optional[float]) -> tuple[float, str]:
+    """The img/s per GPU of the estimate, and where it comes from (an assumption unless measured or given)."""
+    if given is not None:
+        return given, "given with --throughput"
+    preset = plan.preset
+    if preset.get("throughput_measured", False):
+        return float(preset["throughput"]), f"measured, see {preset['path']}"
+    return float(preset["throughput"]), ("ASSUMED, not measured (the preset's 'throughput'); measure your GPU and "
+                                         "pass --throughput")
 
 
 def cmd_plan(args) -> int:
     plan = _plan(args)
-    throughput = args.throughput or float(plan.preset["throughput"])
-    print(f"# study {plan.study}, preset {plan.preset['name']} ({plan.preset['path']}), seeds {args.seeds}, "
+    throughput, source = throughput_note(plan, args.throughput)
+    unit = "CPU process" if plan.preset.get("hardware") == "cpu" else "GPU"
+    print(f"# study {plan.study}, preset {plan.preset['name']} ({plan.preset['path']}), seeds {plan.seeds}, "
           f"runs in {plan.runs_root}")
+    print(f"# throughput: {throughput:g} training img/s per {unit}: {source}")
     if plan.freq_source:
         print(f"# frequency source: {plan.freq_source}")
+    if plan.study == "single_freq":
+        print(f"# fine-tune schedule: {plan.finetune_schedule}")
     if plan.base_checkpoint:
         print(f"# base checkpoint: {plan.base_checkpoint} (no base run)")
     deps = sorted({d for r in plan.runs for d in r.depends})
@@ -131,7 +163,8 @@ def cmd_plan(args) -> int:
     npoints = sum(1 for r in plan.runs if r.point != "base")
     extra = f" + {len(plan.runs) - npoints} dependency" if len(plan.runs) > npoints else ""
     print(f"# total: {npoints} runs{extra} ({done} complete), {epochs} epochs x {plan.preset['train_images']} "
-          f"images, {total_h:.4g} GPU-hours at {throughput:g} img/s/GPU ({left:.4g} left)")
+          f"images, {total_h:.4g} {unit}-hours at {throughput:g} img/s/{unit} ({left:.4g} left; training only, "
+          f"evaluation and start-up not included)")
     return 0
 
 
@@ -141,11 +174,13 @@ def cmd_run(args) -> int:
     plan = _plan(args)
     prefix = runner.trainer_command(args.trainer_cmd, args.gpus)
     if args.emit_sbatch is not None:
-        cli_args = ["--study", args.study, "--preset", args.preset, "--seeds", str(args.seeds),
+        cli_args = ["--study", args.study, "--preset", args.preset, "--seeds", str(plan.seeds),
                     "--runs-dir", str(plan.runs_root), "--freq-source", plan.freq_source or args.freq_source,
                     "--quiet"]
         if args.base_checkpoint:
             cli_args += ["--base-checkpoint", args.base_checkpoint]
+        if args.finetune_schedule != "ours":
+            cli_args += ["--finetune-schedule", args.finetune_schedule]
         if args.trainer_cmd:
             cli_args += ["--trainer-cmd", args.trainer_cmd]
         text = runner.sbatch_script(plan, cli_args, args.gpus, args.slurm_partition, args.slurm_time,
@@ -165,6 +200,14 @@ def cmd_run(args) -> int:
             print(f"submitted {name}: job {job_id}")
         print(f"# {len(jobs)} jobs submitted; logs in {plan.runs_root / 'slurm' / plan.study}")
         return 0
+    if args.jobs > 1:
+        if args.index is not None or args.limit is not None:
+            raise AblationError("--jobs N runs the whole plan: not with --index or --limit")
+        rc = runner.run_parallel(args.argv, args.jobs)
+        done = sum(is_complete(r.run_dir, r.epochs) for r in plan.runs)
+        print(f"[ablation] {plan.study}/{plan.preset['name']}: {args.jobs} runners finished; "
+              f"{done}/{len(plan.runs)} runs complete")
+        return rc
     launcher = args.launcher
     custom = bool(args.trainer_cmd or os.environ.get(runner.TRAINER_ENV))
     if launcher == "auto":
@@ -192,7 +235,10 @@ def cmd_collect(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = make_parser().parse_args(argv)
+    args.argv = [a for i, a in enumerate(argv) if not (a == "--jobs" or a.startswith("--jobs=")
+                                                       or (i and argv[i - 1] == "--jobs"))]
     try:
         return {"plan": cmd_plan, "run": cmd_run, "collect": cmd_collect}[args.command](args)
     except AblationError as exc:

@@ -14,8 +14,6 @@ so a breaker never removes a lock it has not verified as stale, and two processe
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import socket
@@ -25,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 LOCK_NAME = "ablation.lock"
-BREAK_NAME = LOCK_NAME + ".break"  # flock'ed while breaking a stale lock; never deleted (see RunLock._break)
+BREAK_NAME = LOCK_NAME + ".break"  # flock'ed (filelock) while breaking a stale lock (see RunLock._break)
 BREAK_WAIT_S = 5.0  # how long a breaker waits for another breaker before treating the lock as held
 
 
@@ -144,8 +142,9 @@ class RunLock:
           (that is what stale means); and ``O_EXCL`` creators only create when the path is free.
 
         If the content differs (broken and re-taken meanwhile, or released), nothing is removed and the caller
-        re-reads and re-judges it. The mutex file is never deleted (deleting a flock'ed file lets two processes
-        lock two different inodes). If ``flock`` is unsupported here, or another breaker holds the mutex longer
+        re-reads and re-judges it. ``filelock`` handles the mutex file's own life cycle (a holder that finds its
+        inode unlinked by a releasing peer retries on the new file, so two processes never lock two different
+        inodes). If ``flock`` is unsupported here, or another breaker holds the mutex longer
         than ``BREAK_WAIT_S``, the lock is treated as held (never removed unsafely): remove it by hand. Across
         hosts (only the requeue rule breaks another host's lock) this relies on ``flock`` reaching the file
         server (NFS with locking, Lustre ``-o flock``); with node-local locking only the content check guards it.
@@ -165,24 +164,27 @@ class RunLock:
                 pass
             return True
         finally:
-            os.close(mutex)  # releases the flock
+            mutex.release()
 
-    def _break_mutex(self) -> Optional[int]:
-        """An fd holding an exclusive flock on the break mutex, or None if it cannot be had (see ``_break``)."""
+    def _break_mutex(self):
+        """A held ``filelock`` (exclusive ``flock``) on the break mutex, or None if it cannot be had (see ``_break``).
+
+        ``filelock`` does the host-local part: the kernel releases an ``flock`` when its holder dies, so this mutex
+        never goes stale. Its soft (marker-file) fallback is switched off: on a file system without ``flock`` the
+        lock is treated as held rather than broken under a weaker mutex.
+        """
+        from filelock import Timeout, UnixFileLock
+
+        path = str(self.path.with_name(BREAK_NAME))
         try:
-            fd = os.open(self.path.with_name(BREAK_NAME), os.O_CREAT | os.O_RDWR, 0o644)
-        except OSError:
+            mutex = UnixFileLock(path, timeout=BREAK_WAIT_S, fallback_to_soft=False)
+        except TypeError:  # filelock < 4 has no soft fallback to switch off
+            mutex = UnixFileLock(path, timeout=BREAK_WAIT_S)
+        try:
+            mutex.acquire(poll_interval=0.01)
+        except (Timeout, OSError, NotImplementedError):  # held too long, or flock unsupported (ENOLCK, ENOSYS, ...)
             return None
-        deadline = time.monotonic() + BREAK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or time.monotonic() >= deadline:
-                    os.close(fd)  # unsupported (ENOLCK, EOPNOTSUPP, ...) or held too long
-                    return None
-            time.sleep(0.01)
+        return mutex
 
     def set_child(self, child_pid: int) -> None:
         """Record the trainer's pid, so that the lock stays live while an orphaned trainer still runs."""

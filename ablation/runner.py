@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .locking import RunLock, describe
+from .locking import LOCK_NAME, RunLock, describe, is_stale, read_lock
 from .studies import REPO, AblationError, Plan, Run, is_complete, stale_reason
 
 TRAINER_ENV = "FCANET_ABLATION_TRAINER"
@@ -40,11 +40,26 @@ def trainer_command(trainer_cmd: Optional[str] = None, gpus: int = 1) -> list[st
 
 
 def write_json_atomic(path: Path, data) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    from engine.checkpoint import atomic_write_text
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def machine_name() -> str:
+    """The CPU model (``lscpu``'s "Model name", from /proc/cpuinfo) and core count, recorded with every run:
+    CPU numerics differ across processors, so results are tied to the machine that produced them."""
+    import platform
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical CPUs"
 
 
 def run_command(run: Run, prefix: Sequence[str]) -> list[str]:
@@ -134,15 +149,16 @@ def run_one(run: Run, prefix: Sequence[str], quiet: bool = False, launcher: str 
         if is_complete(run.run_dir, run.epochs):  # finished by another process between check and lock
             return "complete"
         _check_meta(run)
-        meta = dict(run.meta, name=run.name, config=run.config, epochs=run.epochs,
+        meta = dict(run.meta, name=run.name, config=run.config, epochs=run.epochs, machine=machine_name(),
                     overrides={k: v for k, v in run.overrides.items()})
         write_json_atomic(run.run_dir / "ablation.json", meta)
         cmd = run_command(run, prefix)
         log_path = run.run_dir / "train.log"
-        print(f"[ablation] run {run.name}: {shlex.join(cmd)}", flush=True)
+        if not quiet:
+            print(f"[ablation] run {run.name}: {shlex.join(cmd)}", flush=True)
         if threading_main():
             signal.signal(signal.SIGTERM, _raise_terminated)
-        start = time.time()
+        start, cpu_start = time.time(), _children_cpu()
         with open(log_path, "a") as log:
             log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
             log.flush()
@@ -177,7 +193,9 @@ def run_one(run: Run, prefix: Sequence[str], quiet: bool = False, launcher: str 
             print(f"[ablation] FAILED {run.name}: trainer exited 0 but {run.run_dir / 'summary.json'} does not "
                   f"report {run.epochs} epochs; log: {log_path}", flush=True)
             return "failed"
-        print(f"[ablation] done {run.name} in {elapsed:.1f}s", flush=True)
+        cpu = _children_cpu() - cpu_start
+        print(f"[ablation] done {run.name}: {result_text(run.run_dir)} in {elapsed:.0f} s (CPU {cpu:.0f} s)",
+              flush=True)
         return "ran"
     except (KeyboardInterrupt, _Terminated):
         if proc is not None:
@@ -187,6 +205,25 @@ def run_one(run: Run, prefix: Sequence[str], quiet: bool = False, launcher: str 
         if threading_main():
             signal.signal(signal.SIGTERM, old_term)
         lock.release()
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's finished children (the trainers): a run's cost in core-seconds,
+    which, unlike its wall time, does not grow when other jobs share the cores."""
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def result_text(run_dir: Path) -> str:
+    """``top-1 97.50 (best 97.78)``: the run's final and best-epoch top-1 from its summary.json."""
+    from .studies import read_summary
+    summary = read_summary(run_dir) or {}
+    text = f"top-1 {summary.get('final_top1', float('nan')):.2f}"
+    best = summary.get("best_top1")
+    if isinstance(best, (int, float)) and not isinstance(best, bool):
+        text += f" (best {best:.2f})"
+    return text
 
 
 def _stop(proc) -> None:
@@ -217,7 +254,8 @@ def select_runs(plan: Plan, index: Optional[int] = None) -> list[Run]:
     if index is None:
         return list(plan.runs)
     if not 0 <= index < len(plan.runs):
-        raise AblationError(f"--index {index} out of range: the plan has {len(plan.runs)} runs (0..{len(plan.runs) - 1})")
+        raise AblationError(f"--index {index} out of range: the plan has {len(plan.runs)} runs "
+                            f"(0..{len(plan.runs) - 1})")
     return [plan.runs[index]]
 
 
@@ -262,7 +300,7 @@ def run_local(plan: Plan, prefix: Sequence[str], limit: Optional[int] = None, in
             continue
         if limit is not None and started >= limit:
             break
-        pending = [d for d in run.depends if not is_complete(by_name[d].run_dir, by_name[d].epochs)]
+        pending = [d for d in run.depends if not _wait_while_running(by_name[d])]
         if pending:
             print(f"[ablation] skip {run.name}: waiting for {', '.join(pending)}", flush=True)
             outcome["blocked"].append(run.name)
@@ -270,6 +308,32 @@ def run_local(plan: Plan, prefix: Sequence[str], limit: Optional[int] = None, in
         started += 1
         outcome[run_one(run, prefix, quiet, launcher, env)].append(run.name)
     return outcome
+
+
+def _wait_while_running(run: Run, poll_s: float = 1.0) -> bool:
+    """True once ``run`` is complete. While another live runner holds its lock (e.g. the base run that a
+    parallel runner of ``--jobs N`` trains), wait for it; False if it is neither complete nor running."""
+    while not is_complete(run.run_dir, run.epochs):
+        info = read_lock(run.run_dir / LOCK_NAME)
+        if info is None or is_stale(info):
+            return False
+        time.sleep(poll_s)
+    return True
+
+
+def run_parallel(argv: Sequence[str], jobs: int) -> int:
+    """``run --jobs N``: N runner processes on the same plan (each ``run ... --jobs 1``); the per-run locks
+    hand every point to exactly one of them, and fine-tunes wait for the base run another one trains.
+    Returns the worst exit status."""
+    cmd = [sys.executable, "-m", "ablation", *argv, "--jobs", "1"]
+    procs = [subprocess.Popen(cmd) for _ in range(jobs)]  # same cwd: relative --output paths keep their meaning
+    try:
+        codes = [p.wait() for p in procs]
+    except BaseException:
+        for p in procs:
+            _stop(p)
+        raise
+    return max(codes)
 
 
 # ------------------------------------------------------------------------------------------------ Slurm
@@ -297,7 +361,8 @@ def submit_slurm(plan: Plan, prefix: Sequence[str], gpus: int, partition: Option
     try:
         import submitit
     except ImportError:
-        raise AblationError("--slurm needs the 'submitit' package (pip install submitit), or use --emit-sbatch") from None
+        raise AblationError("--slurm needs the 'submitit' package (pip install submitit), "
+                            "or use --emit-sbatch") from None
     if prepare:
         prepare_data(plan)
     folder = plan.runs_root / "slurm" / plan.study

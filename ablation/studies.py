@@ -1,13 +1,13 @@
 """Study registry and planning: which runs a study of a preset consists of.
 
-Studies (paper Sec. 4.2, appendix 6.1):
+Studies (paper Sec. 4.2, appendix 6.1), on the preset's S x S frequency grid (``grid``: 7 in the paper):
 
-* ``single_freq`` (Fig. 4): a plain base network, then 49 fine-tunes that add FCA with one frequency (u, v)
-  of the 7x7 grid for all channels.
+* ``single_freq`` (Fig. 4): a plain base network, then S*S fine-tunes that add FCA with one frequency (u, v)
+  of the grid for all channels.
 * ``topk`` / ``botk`` (Tables 1 and 6): k frequencies from the two-step criterion (best / worst k of the
-  single-frequency grid), trained from scratch. The order comes from our own measured grid when all 49
-  single-frequency runs of the preset are complete, otherwise from the authors' published orders.
-* ``lowk`` (Table 5): the k lowest frequencies of the fixed zig-zag order (appendix Fig. 5b); never grid-derived.
+  single-frequency grid), trained from scratch. The order comes from our own measured grid when all S*S
+  single-frequency runs of the preset are complete, otherwise from the authors' published orders (7x7 only).
+* ``lowk`` (Table 5): the k lowest frequencies of the fixed Low-k order (appendix Fig. 5b); never grid-derived.
 
 Presets are data: ``configs/ablation/<preset>.yaml``. Every run is one trainer invocation
 ``train_imagenet.py --config CONFIG KEY=VALUE ...`` with its own run directory.
@@ -22,14 +22,27 @@ from typing import Any, Optional
 
 import yaml
 
-from models.dct import GRID, published_frequencies, two_step_criterion
+from models.dct import GRID, low_order, published_frequencies, two_step_criterion
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET_DIR = REPO / "configs" / "ablation"
 STUDIES = ("single_freq", "topk", "lowk", "botk")
 STUDY_METHOD = {"topk": "top", "lowk": "low", "botk": "bot"}
 FREQ_SOURCES = ("auto", "published", "measured")
-GRID_POINTS = [(u, v) for u in range(GRID) for v in range(GRID)]
+# Fine-tune schedules of single_freq (Fig. 4). Paper Sec. 4.2 only says "similar optimization setting";
+# 'ours': warmup then cosine to 0 over the fine-tune's own length; 'paper-code': the authors' main.py
+# schedule length (5 warmup + 95 cosine epochs = 100) of which the fine-tune runs its first epochs.
+FINETUNE_SCHEDULES = ("ours", "paper-code")
+PAPER_CODE_SCHEDULE_EPOCHS = 100
+SCHEDULE_KEY = "train.schedule_epochs"  # trainer key: cosine length in epochs (default: train.epochs)
+
+
+def grid_points(grid: int = GRID) -> list[tuple[int, int]]:
+    """The S*S single-frequency points (u, v), row-major."""
+    return [(u, v) for u in range(grid) for v in range(grid)]
+
+
+GRID_POINTS = grid_points(GRID)
 
 
 class AblationError(Exception):
@@ -89,21 +102,37 @@ def available_presets() -> list[str]:
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    presets = available_presets()
-    if name not in presets:
-        raise AblationError(f"unknown preset {name!r}; expected one of {', '.join(presets)}")
-    path = PRESET_DIR / f"{name}.yaml"
+    """A preset by name (``configs/ablation/<name>.yaml``) or by the path of a YAML file of the same layout."""
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name)
+        if not path.is_file():
+            raise AblationError(f"preset file {path} not found")
+    else:
+        presets = available_presets()
+        if name not in presets:
+            raise AblationError(f"unknown preset {name!r}; expected one of {', '.join(presets)} or a .yaml file")
+        path = PRESET_DIR / f"{name}.yaml"
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise AblationError(f"preset file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise AblationError(f"preset file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except OSError as exc:
+        raise AblationError(f"preset file {path}: {exc.strerror or exc}") from None
+    if not isinstance(data, dict):
+        raise AblationError(f"preset file {path} is not a YAML mapping")
     for key in ("train_images", "throughput", "base", "studies"):
         if key not in data:
             raise AblationError(f"preset file {path} lacks the key {key!r}")
+    data["grid_explicit"] = "grid" in data  # then every run's model gets it (model.kwargs.grid)
+    for key, default in (("grid", GRID), ("seeds", 1)):
+        value = data.setdefault(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise AblationError(f"preset file {path}: {key!r} must be a positive integer, got {value!r}")
     missing = [s for s in STUDIES if s not in data["studies"]]
     if missing:
         raise AblationError(f"preset file {path} does not define the studies {', '.join(missing)}")
     data.setdefault("common_overrides", {})
+    data.setdefault("name", path.stem)
     data["path"] = str(path)
     return data
 
@@ -157,18 +186,30 @@ def is_complete(run_dir: Path, epochs: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ frequencies
-def measured_grid(runs_root: Path, preset: dict[str, Any]) -> dict[tuple[int, int], float]:
-    """Mean final top-1 per grid point over the complete single-frequency runs (any seed) in ``runs_root``."""
+def ranking_value(summary: dict[str, Any]) -> float:
+    """The statistic the two-step criterion ranks by: ``best_top1`` (the authors' ``best_prec1``, the number
+    Fig. 4 prints), or ``final_top1`` for a summary without it."""
+    value = summary.get("best_top1")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    return float(summary["final_top1"])
+
+
+def single_freq_values(runs_root: Path, preset: dict[str, Any]) -> dict[tuple[int, int], dict[int, float]]:
+    """``{(u, v): {seed: ranking value}}`` over the complete single-frequency runs in ``runs_root``."""
     epochs = int(preset["studies"]["single_freq"]["epochs"])
-    grid: dict[tuple[int, int], float] = {}
-    for u, v in GRID_POINTS:
-        values = []
+    out: dict[tuple[int, int], dict[int, float]] = {}
+    for u, v in grid_points(preset["grid"]):
         for run_dir in sorted((Path(runs_root) / "single_freq").glob(f"u{u}v{v}-s*")):
-            if is_complete(run_dir, epochs):
-                values.append(float(read_summary(run_dir)["final_top1"]))
-        if values:
-            grid[(u, v)] = sum(values) / len(values)
-    return grid
+            seed = run_dir.name.rsplit("-s", 1)[1]
+            if seed.isdigit() and is_complete(run_dir, epochs):
+                out.setdefault((u, v), {})[int(seed)] = ranking_value(read_summary(run_dir))
+    return out
+
+
+def measured_grid(runs_root: Path, preset: dict[str, Any]) -> dict[tuple[int, int], float]:
+    """Mean ``best_top1`` per grid point over the complete single-frequency runs (any seed) in ``runs_root``."""
+    return {f: sum(v.values()) / len(v) for f, v in single_freq_values(runs_root, preset).items()}
 
 
 def resolve_source(study: str, requested: str, runs_root: Path, preset: dict[str, Any]):
@@ -176,22 +217,40 @@ def resolve_source(study: str, requested: str, runs_root: Path, preset: dict[str
     if requested not in FREQ_SOURCES:
         raise AblationError(f"unknown frequency source {requested!r}; expected one of {', '.join(FREQ_SOURCES)}")
     if study == "lowk":
-        return "published", None  # a fixed zig-zag order, not derived from any grid
+        return "published", None  # a fixed low-first order, not derived from any grid
+    size = preset["grid"]
     grid = measured_grid(runs_root, preset)
-    complete = len(grid) == len(GRID_POINTS)
+    complete = len(grid) == size * size
+    if size != GRID and (requested == "published" or not complete):
+        # the authors' Top/Bot orders rank the 7x7 grid of Fig. 4: they say nothing about another grid
+        raise AblationError(f"preset {preset['name']!r} uses a {size}x{size} frequency grid: {study} needs the "
+                            f"two-step criterion on its own single_freq grid (the published orders are 7x7); "
+                            f"{len(grid)}/{size * size} single_freq points are complete in "
+                            f"{Path(runs_root) / 'single_freq'}: run --study single_freq first")
     if requested == "measured" and not complete:
-        raise AblationError(f"--freq-source measured needs all {len(GRID_POINTS)} single_freq runs complete in "
+        raise AblationError(f"--freq-source measured needs all {size * size} single_freq runs complete in "
                             f"{Path(runs_root) / 'single_freq'}; {len(grid)} are")
     if requested == "published" or not complete:
         return "published", None
     return "measured", grid
 
 
-def study_frequencies(study: str, ks, source: str, grid) -> dict[int, list[tuple[int, int]]]:
+def study_frequencies(study: str, ks, source: str, grid, size: int = GRID) -> dict[int, list[tuple[int, int]]]:
+    """The frequency list of every k: two-step criterion on the measured grid, or the published order (the
+    Low-k order generalised to ``size x size`` grids by :func:`models.dct.low_order`)."""
     method = STUDY_METHOD[study]
     if source == "measured":
         return two_step_criterion(grid, ks)[method]
-    return {k: published_frequencies(method, k) for k in ks}
+    if method == "low" and size != GRID:
+        order = low_order(size)
+        for k in ks:
+            if not 1 <= k <= len(order):
+                raise AblationError(f"lowk: k={k} out of range for a {size}x{size} grid (1..{len(order)})")
+        return {k: order[:k] for k in ks}
+    try:
+        return {k: published_frequencies(method, k) for k in ks}
+    except ValueError as exc:
+        raise AblationError(f"{study}: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -203,6 +262,8 @@ class Plan:
     runs: list[Run]
     freq_source: Optional[str] = None
     base_checkpoint: Optional[str] = None
+    seeds: int = 1
+    finetune_schedule: str = "ours"
 
     def gpu_hours(self, run: Run, throughput: float) -> float:
         return float(self.preset["train_images"]) * run.epochs / throughput / 3600.0
@@ -215,15 +276,73 @@ def default_runs_root(preset: str, output: Optional[Path]) -> Path:
     return REPO / "runs" / "ablation" / preset
 
 
-def build_plan(study: str, preset_name: str, seeds: int = 1, runs_root: Optional[Path] = None,
-               freq_source: str = "auto", base_checkpoint: Optional[str] = None) -> Plan:
+def check_base_checkpoint(path: str, run: Run) -> str:
+    """Validate ``--base-checkpoint`` once, at planning: it must load, strictly, into the fine-tune network of
+    ``run`` (the preset's architecture and classes) and hold no attention weights (the fine-tunes add fresh
+    attention to a plain network). Returns the resolved path; raises AblationError with one line."""
+    file = Path(path)
+    if not file.is_file():
+        raise AblationError(f"--base-checkpoint {path}: file not found")
+    import models
+    from engine.config import ConfigError, load_config
+    from engine.trainer import build_model
+
+    try:
+        state = models.read_state_dict(str(file))
+    except (ValueError, OSError) as exc:
+        reason = str(exc).splitlines()[0]
+        if "weights_only" in reason:  # torch's advice to load unsafely is wrong for garbage and unsafe for pickles
+            reason = ("not a PyTorch checkpoint of tensors (unreadable, or it holds non-tensor Python objects, "
+                      "which are never unpickled)")
+        raise AblationError(f"--base-checkpoint {path}: {reason}") from None
+    attention = sorted(k for k in state if ".att." in k)
+    if attention:
+        raise AblationError(f"--base-checkpoint {path}: holds attention weights ({attention[0]}, ...); the "
+                            f"single-frequency fine-tunes start from a plain ResNet of the same layout")
+    try:
+        model = build_model(load_config(REPO / run.config, run.override_args()))
+        models.load_weights(model, state)
+    except (ConfigError, ValueError) as exc:
+        raise AblationError(f"--base-checkpoint {path}: does not fit the preset's network "
+                            f"({run.overrides.get('model.name', run.config)}): {str(exc).splitlines()[0]}") from None
+    return str(file.resolve())
+
+
+def check_schedule_support() -> None:
+    """``--finetune-schedule paper-code`` needs the trainer to take a cosine length other than its epochs."""
+    from engine.config import all_keys
+    if SCHEDULE_KEY not in all_keys():
+        raise AblationError(f"--finetune-schedule paper-code needs the trainer config key {SCHEDULE_KEY!r} "
+                            f"(cosine length in epochs), which this trainer does not have")
+
+
+def build_plan(study: str, preset_name: str, seeds: Optional[int] = None, runs_root: Optional[Path] = None,
+               freq_source: str = "auto", base_checkpoint: Optional[str] = None,
+               finetune_schedule: str = "ours") -> Plan:
+    """The runs of ``study`` under preset ``preset_name``.
+
+    Args:
+        seeds: seeds per point (0..seeds-1); ``None``: the preset's ``seeds``.
+        runs_root: where run directories live (default ``runs/ablation/<preset>``).
+        freq_source: Top-k/Bot-k lists: ``auto``, ``published`` or ``measured``.
+        base_checkpoint: single_freq: fine-tune from this plain checkpoint (validated here) instead of a base run.
+        finetune_schedule: single_freq: ``ours`` or ``paper-code`` (see ``FINETUNE_SCHEDULES``).
+    """
     check_study(study)
+    preset = load_preset(preset_name)
+    if seeds is None:
+        seeds = int(preset["seeds"])
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise AblationError(f"bad --seeds {seeds!r}: expected a positive integer")
-    preset = load_preset(preset_name)
-    runs_root = Path(runs_root) if runs_root is not None else default_runs_root(preset_name, None)
+    if finetune_schedule not in FINETUNE_SCHEDULES:
+        raise AblationError(f"unknown fine-tune schedule {finetune_schedule!r}; expected one of "
+                            f"{', '.join(FINETUNE_SCHEDULES)}")
+    if finetune_schedule != "ours" and study != "single_freq":
+        raise AblationError(f"--finetune-schedule applies to the single_freq fine-tunes, not to {study}")
+    runs_root = Path(runs_root) if runs_root is not None else default_runs_root(preset["name"], None)
     runs_root = runs_root.resolve()
     spec = preset["studies"][study]
+    size = int(preset["grid"])
     common = {k: expand(v, runs_root) for k, v in (preset.get("common_overrides") or {}).items()}
     runs: list[Run] = []
 
@@ -233,13 +352,17 @@ def build_plan(study: str, preset_name: str, seeds: int = 1, runs_root: Optional
         tag = point if seed is None else f"{point}-s{seed}"
         if study in STUDY_METHOD:
             run_dir = run_dir / meta["freq_source"]
+        elif study == "single_freq" and finetune_schedule != "ours":
+            run_dir = run_dir / finetune_schedule  # another protocol: its own run directories and table
         run_dir = run_dir / tag
         overrides = dict(common)
         overrides.update(extra)
+        if preset["grid_explicit"]:
+            overrides["model.kwargs"] = dict(overrides.get("model.kwargs") or {}, grid=size)
         overrides["train.epochs"] = int(epochs)
         overrides["seed"] = 0 if seed is None else int(seed)
         overrides["output_dir"] = str(run_dir)
-        name_meta.update({"study": study, "point": point, "seed": overrides["seed"], "preset": preset_name})
+        name_meta.update({"study": study, "point": point, "seed": overrides["seed"], "preset": preset["name"]})
         return Run(study, point, seed, config, int(epochs), run_dir, overrides, name_meta, tuple(depends))
 
     source = None
@@ -249,25 +372,35 @@ def build_plan(study: str, preset_name: str, seeds: int = 1, runs_root: Optional
         if base_checkpoint is None:
             base_run = make("base", None, base["config"], base["epochs"], dict(base.get("overrides") or {}),
                             {"role": "base"})
+            base_run.run_dir = runs_root / study / "base"  # shared by every fine-tune schedule
+            base_run.overrides["output_dir"] = str(base_run.run_dir)
             runs.append(base_run)
             depends = (base_run.name,)
             init = str(base_run.run_dir / base.get("checkpoint", "checkpoints/last.pth"))
         else:
-            if not Path(base_checkpoint).is_file():
-                raise AblationError(f"--base-checkpoint {base_checkpoint}: file not found")
-            init = str(Path(base_checkpoint).resolve())
+            init = None  # validated below, against the first fine-tune's network
+        schedule = {}
+        if finetune_schedule == "paper-code":
+            check_schedule_support()
+            schedule = {SCHEDULE_KEY: PAPER_CODE_SCHEDULE_EPOCHS}
         for seed in range(seeds):
-            for u, v in GRID_POINTS:
+            for u, v in grid_points(size):
                 extra = dict(spec.get("overrides") or {})
+                extra.update(schedule)
                 extra["model.freq"] = [[u, v]]
                 extra["model.init_checkpoint"] = init
-                meta = {"role": "single_freq", "u": u, "v": v, "frequencies": [[u, v]],
-                        "freq_source": "grid", "init_checkpoint": init}
+                meta = {"role": "single_freq", "u": u, "v": v, "frequencies": [[u, v]], "grid_size": size,
+                        "freq_source": "grid", "init_checkpoint": init, "finetune_schedule": finetune_schedule}
                 runs.append(make(f"u{u}v{v}", seed, spec["config"], spec["epochs"], extra, meta, depends))
+        if base_checkpoint is not None:
+            init = check_base_checkpoint(base_checkpoint, runs[0])
+            for run in runs:
+                run.overrides["model.init_checkpoint"] = init
+                run.meta["init_checkpoint"] = init
     else:
         source, grid = resolve_source(study, freq_source, runs_root, preset)
         ks = [int(k) for k in spec["ks"]]
-        freqs = study_frequencies(study, ks, source, grid)
+        freqs = study_frequencies(study, ks, source, grid, size)
         method = STUDY_METHOD[study]
         for seed in range(seeds):
             for k in ks:
@@ -278,4 +411,4 @@ def build_plan(study: str, preset_name: str, seeds: int = 1, runs_root: Optional
                 if grid is not None:
                     meta["grid"] = {f"{u},{v}": a for (u, v), a in sorted(grid.items())}
                 runs.append(make(f"{method}{k}", seed, spec["config"], spec["epochs"], extra, meta))
-    return Plan(study, preset, runs_root, runs, source, base_checkpoint)
+    return Plan(study, preset, runs_root, runs, source, base_checkpoint, seeds, finetune_schedule)

@@ -18,7 +18,6 @@ import sys
 import warnings
 from typing import Callable
 
-from .registry import DEPTHS, create_model
 
 _TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 FAMILIES = ("fcanet", "senet", "ecanet")
@@ -30,6 +29,7 @@ def _entrypoint(name: str) -> Callable:
             raise ValueError(f"{name}: no downloadable weights; build it, then models.load_weights(model, path)")
         for key in _TIMM_ONLY:
             kwargs.pop(key, None)
+        from .registry import create_model
         return create_model(name, **kwargs)
     build.__name__ = name
     build.__qualname__ = name
@@ -42,6 +42,8 @@ def register() -> list[str]:
     """Register every ``fcanet*``/``senet*``/``ecanet*`` variant with timm (imports timm); returns the names
     registered now. Idempotent, and never shadows a model timm already ships."""
     from timm.models import is_model, register_model
+
+    from .registry import DEPTHS
     added = []
     for family in FAMILIES:
         for depth in DEPTHS:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dct import Frequency, dct_filters, scale_frequencies
+from .dct import GRID, Frequency, dct_filters, scale_frequencies
 
 
 def excitation_head(channels: int, reduction: int = 16) -> nn.Sequential:
@@ -120,13 +120,16 @@ class DCTPooling(nn.Module):
     Args:
         channels: number of channels C (must be divisible by ``len(freqs)``).
         dct_h, dct_w: DCT size; inputs of another spatial size are adaptively average-pooled to it.
-        freqs: frequencies (u, v) in the 7x7 selection space; scaled by ``dct_h // 7`` and ``dct_w // 7``.
+        freqs: frequencies (u, v) in the ``grid x grid`` selection space; scaled by ``dct_h // grid`` and
+            ``dct_w // grid``.
         weights: ``fixed`` (a buffer, as in the paper) or ``learnable`` (an ``nn.Parameter``).
         init: ``dct`` (the DCT basis) or ``random`` (the authors' FAQ ablation; N(0, 1/(HW)) filters).
+        grid: size S of the frequency selection grid (7 in the paper).
     """
 
     def __init__(self, channels: int, dct_h: int, dct_w: int, freqs: Sequence[Frequency],
-                 weights: Literal["fixed", "learnable"] = "fixed", init: Literal["dct", "random"] = "dct"):
+                 weights: Literal["fixed", "learnable"] = "fixed", init: Literal["dct", "random"] = "dct",
+                 grid: int = GRID):
         super().__init__()
         k = len(freqs)
         if k < 1:
@@ -140,7 +143,7 @@ class DCTPooling(nn.Module):
             raise ValueError(f"unknown dct_init {init!r}; expected 'dct' or 'random'")
         self.dct_h, self.dct_w, self.k = dct_h, dct_w, k
         self.freqs = [tuple(f) for f in freqs]
-        scaled = scale_frequencies(self.freqs, dct_h, dct_w)
+        scaled = scale_frequencies(self.freqs, dct_h, dct_w, grid)
         try:
             basis = dct_filters(dct_h, dct_w, scaled).float()  # (k, H, W)
         except ValueError as e:
@@ -226,16 +229,18 @@ class FCA(_SqueezeExcite):
     Args:
         channels: number of channels C.
         dct_h, dct_w: DCT size (56/28/14/7 for the four ResNet stages at 224x224 input).
-        freqs: frequencies in the 7x7 space; k = len(freqs) must divide C.
+        freqs: frequencies in the ``grid x grid`` space; k = len(freqs) must divide C.
         reduction: excitation bottleneck ratio r.
         dct_weights: ``fixed`` (paper) or ``learnable``.
         dct_init: ``dct`` (paper) or ``random``.
+        grid: size S of the frequency selection grid (7 in the paper).
     """
 
     def __init__(self, channels: int, dct_h: int, dct_w: int, freqs: Sequence[Frequency], reduction: int = 16,
-                 dct_weights: Literal["fixed", "learnable"] = "fixed", dct_init: Literal["dct", "random"] = "dct"):
+                 dct_weights: Literal["fixed", "learnable"] = "fixed", dct_init: Literal["dct", "random"] = "dct",
+                 grid: int = GRID):
         super().__init__(channels, reduction)
-        self.dct_layer = DCTPooling(channels, dct_h, dct_w, freqs, dct_weights, dct_init)
+        self.dct_layer = DCTPooling(channels, dct_h, dct_w, freqs, dct_weights, dct_init, grid)
 
     def squeeze(self, x: torch.Tensor) -> torch.Tensor:
         return self.dct_layer(x)

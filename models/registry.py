@@ -18,6 +18,7 @@ class ModelSpec:
 
 
 DEPTHS = {
+    10: ("basic", (1, 1, 1, 1)),  # not in the paper: a small layout for CPU-scale studies (one block per stage)
     18: ("basic", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),
     50: ("bottleneck", (3, 4, 6, 3)),
@@ -31,13 +32,13 @@ FAMILIES = {"resnet": "none", "senet": "se", "ecanet": "eca", "fcanet": "fca"}
 ALIASES = {"se_resnet": "senet", "eca_resnet": "ecanet", "fca_resnet": "fcanet"}
 
 MODELS: dict[str, ModelSpec] = {
-    f"{family}{depth}": ModelSpec(block, layers, att, ECA_RELEASED_KERNELS[depth] if att == "eca" else None)
+    f"{family}{depth}": ModelSpec(block, layers, att, ECA_RELEASED_KERNELS.get(depth) if att == "eca" else None)
     for family, att in FAMILIES.items() for depth, (block, layers) in DEPTHS.items()
 }
 MODEL_ALIASES = {f"{alias}{depth}": f"{family}{depth}" for alias, family in ALIASES.items() for depth in DEPTHS}
 
 # Keyword arguments of create_model besides the name and num_classes.
-ATTENTION_KWARGS = ("reduction", "freq", "dct_weights", "dct_init", "eca_kernel", "input_size")
+ATTENTION_KWARGS = ("reduction", "freq", "dct_weights", "dct_init", "eca_kernel", "input_size", "grid")
 RESNET_KWARGS = tuple(p for p in inspect.signature(ResNet).parameters if p not in ("block", "layers", "attention",
                                                                                   "num_classes"))
 
@@ -65,8 +66,9 @@ def create_model(name: str, num_classes: int = 1000, **kwargs: Any) -> ResNet:
         **kwargs: attention options (``freq`` for FCA: ``"top16"`` (default), ``"low4"``, ``"bot2"`` or a list
             of (u, v) pairs; ``reduction`` (16); ``dct_weights`` (``fixed``/``learnable``); ``dct_init``
             (``dct``/``random``); ``eca_kernel`` (4 per-stage sizes, ``"adaptive"``, or default: the released
-            ECA-Net sizes); ``input_size`` (224, sets the DCT sizes)) and ResNet options (``widths``,
-            ``zero_init_residual``, ``in_chans``).
+            ECA-Net sizes); ``input_size`` (224, sets the DCT sizes); ``grid`` (the frequency grid size S, default
+            the paper's 7; an explicit S refuses stages whose map is smaller than S x S)) and ResNet options
+            (``widths``, ``zero_init_residual``, ``in_chans``, ``stem``: ``imagenet`` or ``cifar``).
     """
     spec = MODELS[resolve_name(name)]
     unknown = sorted(set(kwargs) - set(ATTENTION_KWARGS) - set(RESNET_KWARGS))

@@ -6,7 +6,7 @@ torchvision state dicts load strictly; the attention lives at ``layerI.J.att`` a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -27,8 +27,14 @@ class AttentionConfig:
         freq: FCA frequency selection (``"top16"``, ``"low4"``, ``"bot2"`` or explicit (u, v) pairs).
         dct_weights / dct_init: FCA filter options (``fixed``/``learnable``, ``dct``/``random``).
         eca_kernel: ECA kernel size per stage (4 odd ints), or ``None`` for the adaptive formula.
-        input_size: image size the DCT sizes are derived from (stage s gets 7 * max(1, (size/4/2^s) // 7),
-            i.e. 56/28/14/7 at 224, matching the authors' per-``planes`` table).
+        input_size: image size the DCT sizes are derived from (stage s gets S * max(1, map_s // S) where map_s
+            is the stage's feature map, i.e. 56/28/14/7 at 224 with S = 7, matching the authors' per-``planes``
+            table).
+        grid: size S of the frequency selection grid, on which ``freq`` is defined. ``None`` (default): the
+            paper's 7, and, as in the authors' code, a stage whose map is smaller than 7x7 gets a 7x7 DCT of its
+            adaptively pooled-up map (degenerate: on a 1x1 map every non-(0, 0) basis sums to zero). An explicit
+            ``grid`` refuses any stage whose map is smaller than S x S: choose S <= the smallest stage map
+            (e.g. 4 for 32x32 inputs with ``stem="cifar"``).
     """
     kind: AttentionKind = "none"
     reduction: int = 16
@@ -37,31 +43,58 @@ class AttentionConfig:
     dct_init: str = "dct"
     eca_kernel: Union[Sequence[int], None] = None
     input_size: int = 224
+    grid: Optional[int] = None
     frequencies: tuple = field(init=False, default=())
 
     def __post_init__(self):
         if self.kind not in ("none", "se", "eca", "fca"):
             raise ValueError(f"unknown attention {self.kind!r}; expected none, se, eca or fca")
+        if self.grid is not None and (isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1):
+            raise ValueError(f"grid must be a positive integer, got {self.grid!r}")
         if self.kind == "fca":
-            object.__setattr__(self, "frequencies", tuple(parse_frequencies(self.freq)))
+            object.__setattr__(self, "frequencies", tuple(parse_frequencies(self.freq, self.selection_grid)))
         if self.eca_kernel is not None and len(self.eca_kernel) != 4:
             raise ValueError(f"eca_kernel needs one kernel size per stage (4 values), got {list(self.eca_kernel)}")
         if self.input_size < 1:
             raise ValueError(f"input_size must be positive, got {self.input_size}")
 
-    def dct_size(self, stage: int) -> int:
-        feature = self.input_size // (4 * 2 ** stage)
-        return GRID * max(1, feature // GRID)
+    @property
+    def selection_grid(self) -> int:
+        """S: the frequency grid size actually used (the paper's 7 unless ``grid`` says otherwise)."""
+        return GRID if self.grid is None else self.grid
 
-    def build(self, channels: int, stage: int) -> nn.Module:
+    def stage_map(self, stage: int, stem: str = "imagenet") -> int:
+        """Side of the feature map stage ``stage`` (0..3) sees for ``input_size`` inputs (every stride-2 conv or
+        pool with padding rounds up: ceil(size / 2)). ImageNet stem: /4 (7x7/2 conv + 3x3/2 max-pool), so
+        56/28/14/7 at 224; CIFAR stem: /1 (3x3/1 conv, no pool), so 32/16/8/4 at 32."""
+        size = self.input_size
+        for _ in range(STEM_STRIDE_LOG2[stem] + stage):
+            size = -(-size // 2)
+        return size
+
+    def dct_size(self, stage: int, stem: str = "imagenet") -> int:
+        """The DCT size of stage ``stage``: a multiple of S, so the grid's indices scale by ``size // S``."""
+        s = self.selection_grid
+        if self.grid is None and stem == "imagenet":
+            feature = self.input_size // (4 * 2 ** stage)  # the historical formula (authors' table at 224)
+            return s * max(1, feature // s)
+        feature = self.stage_map(stage, stem)
+        if self.grid is not None and feature < s:
+            raise ValueError(f"FCA stage {stage + 1} sees a {feature}x{feature} map at input_size "
+                             f"{self.input_size} with the {stem} stem, smaller than the {s}x{s} frequency grid; "
+                             f"use grid <= {feature}, a larger input or stem='cifar'")
+        return s * max(1, feature // s)
+
+    def build(self, channels: int, stage: int, stem: str = "imagenet") -> nn.Module:
         """The attention module for a block of stage ``stage`` (0..3) whose residual branch has ``channels``."""
         if self.kind == "se":
             return SE(channels, self.reduction)
         if self.kind == "eca":
             return ECA(channels, None if self.eca_kernel is None else self.eca_kernel[stage])
         if self.kind == "fca":
-            size = self.dct_size(stage)
-            return FCA(channels, size, size, self.frequencies, self.reduction, self.dct_weights, self.dct_init)
+            size = self.dct_size(stage, stem)
+            return FCA(channels, size, size, self.frequencies, self.reduction, self.dct_weights, self.dct_init,
+                       self.selection_grid)
         return nn.Identity()
 
 
@@ -115,6 +148,8 @@ class Bottleneck(nn.Module):
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+# log2 of the stem's downsampling: ImageNet 7x7/2 conv + 3x3/2 max-pool (/4); CIFAR 3x3/1 conv, no pool (/1).
+STEM_STRIDE_LOG2 = {"imagenet": 2, "cifar": 0}
 
 
 class ResNet(nn.Module):
@@ -129,11 +164,14 @@ class ResNet(nn.Module):
             give tiny models for CPU demos and tests. The stem has ``widths[0]`` channels.
         zero_init_residual: zero the last BN's gamma in each block (torchvision option; off in the paper).
         in_chans: input channels.
+        stem: ``imagenet`` (7x7 stride-2 conv + 3x3 stride-2 max-pool: maps of 1/4, 1/8, 1/16, 1/32 of the
+            input) or ``cifar`` (3x3 stride-1 conv, no max-pool: 1/1, 1/2, 1/4, 1/8; 32x32 inputs give 4x4 last
+            maps, the usual CIFAR ResNet stem). Module names are the same, so only ``conv1``'s shape differs.
     """
 
     def __init__(self, block: str, layers: Sequence[int], attention: AttentionConfig = AttentionConfig(),
                  num_classes: int = 1000, widths: Sequence[int] = (64, 128, 256, 512),
-                 zero_init_residual: bool = False, in_chans: int = 3):
+                 zero_init_residual: bool = False, in_chans: int = 3, stem: str = "imagenet"):
         super().__init__()
         if block not in BLOCKS:
             raise ValueError(f"unknown block {block!r}; expected one of {', '.join(BLOCKS)}")
@@ -141,13 +179,20 @@ class ResNet(nn.Module):
             raise ValueError(f"layers and widths need 4 stages, got layers={list(layers)} widths={list(widths)}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if stem not in STEM_STRIDE_LOG2:
+            raise ValueError(f"unknown stem {stem!r}; expected one of {', '.join(STEM_STRIDE_LOG2)}")
         block_cls = BLOCKS[block]
         self.attention = attention
         self.num_classes = num_classes
-        self.conv1 = nn.Conv2d(in_chans, widths[0], 7, 2, 3, bias=False)
+        self.stem = stem
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(in_chans, widths[0], 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
         inplanes = widths[0]
         for stage, (planes, blocks) in enumerate(zip(widths, layers)):
             stride = 1 if stage == 0 else 2
@@ -158,7 +203,7 @@ class ResNet(nn.Module):
                     downsample = nn.Sequential(
                         nn.Conv2d(inplanes, planes * block_cls.expansion, 1, stride, bias=False),
                         nn.BatchNorm2d(planes * block_cls.expansion))
-                att = attention.build(planes * block_cls.expansion, stage)
+                att = attention.build(planes * block_cls.expansion, stage, stem)
                 stage_blocks.append(block_cls(inplanes, planes, stride if i == 0 else 1, downsample, att))
                 inplanes = planes * block_cls.expansion
             self.add_module(f"layer{stage + 1}", nn.Sequential(*stage_blocks))
@@ -179,7 +224,7 @@ class ResNet(nn.Module):
                     nn.init.zeros_(m.last_bn().weight)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, C, H/32, W/32)."""
+        """(N, 3, H, W) -> (N, C, H/32, W/32) (ImageNet stem) or (N, C, H/8, W/8) (CIFAR stem)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 

@@ -17,6 +17,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = f"{sys.executable} {Path(__file__).resolve()}"
+KS = (1, 2, 4, 8, 16)  # the mini preset's k values
+
+
+def load_preset(name):
+    from ablation.studies import load_preset as load
+    return load(name)
 
 
 def fake_trainer(argv):
@@ -89,51 +95,59 @@ def summaries(root: Path):
 def test_single_freq_dependency_then_measured_topk(tmp_path):
     out = tmp_path / "res"
     p = ablation("run", "--study", "single_freq", "--preset", "mini", "--output", str(out), "--trainer-cmd", FAKE,
-                 "--quiet", env={"FAKE_STEPS": "1"})
+                 "--quiet", "--seeds", "1", env={"FAKE_STEPS": "1"})
     assert p.returncode == 0, p.stderr
     sf = out / "runs" / "single_freq"
-    assert len(summaries(sf)) == 50  # base + 49
+    assert len(summaries(sf)) == 17  # base + the 16 points of the mini preset's 4x4 grid
     assert sorted((sf / "completions.log").read_text().split()) == sorted(
-        ["base"] + [f"u{u}v{v}-s0" for u in range(7) for v in range(7)])
+        ["base"] + [f"u{u}v{v}-s0" for u in range(4) for v in range(4)])
+    # --quiet: one short line per run, with its result, and the summary line
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 18 and all(len(line) < 120 for line in lines)
+    assert all(line.startswith("[ablation] done ") and " top-1 " in line and "(best " in line for line in lines[:-1])
     meta = json.loads((sf / "u2v3-s0" / "ablation.json").read_text())
     assert meta["frequencies"] == [[2, 3]] and meta["init_checkpoint"].endswith("base/checkpoints/last.pth")
     # complete grid -> Top-k from our measurements: the fake accuracy falls with u + v/10, so (0,0),(0,1),...
-    p = ablation("plan", "--study", "topk", "--preset", "mini", "--output", str(out))
+    p = ablation("plan", "--study", "topk", "--preset", "mini", "--output", str(out), "--seeds", "1")
     assert "# frequency source: measured" in p.stdout and "topk/measured/top4-s0" in p.stdout
     assert "model.freq=[[0,0],[0,1],[0,2],[0,3]]" in p.stdout
     # a re-run does nothing
-    p = ablation("run", "--study", "single_freq", "--preset", "mini", "--output", str(out), "--trainer-cmd", FAKE)
-    assert p.returncode == 0 and "complete 50, ran 0" in p.stdout
+    p = ablation("run", "--study", "single_freq", "--preset", "mini", "--output", str(out), "--trainer-cmd", FAKE,
+                 "--seeds", "1")
+    assert p.returncode == 0 and "complete 17, ran 0" in p.stdout
 
 
 @pytest.mark.slow
 def test_kill_mid_study_and_resume_trains_each_point_once(tmp_path):
     out = tmp_path / "res"
-    args = ("run", "--study", "botk", "--preset", "mini", "--output", str(out), "--trainer-cmd", FAKE, "--quiet")
-    env = {**os.environ, "FAKE_STEPS": "10", "FAKE_SLEEP": "0.05"}  # 2 epochs x 10 steps x 0.05 s per run
+    args = ("run", "--study", "lowk", "--preset", "mini", "--output", str(out), "--trainer-cmd", FAKE, "--quiet",
+            "--seeds", "1")
+    env = {**os.environ, "FAKE_STEPS": "10", "FAKE_SLEEP": "0.02"}  # epochs x 10 steps x 0.02 s per run
     proc = subprocess.Popen([sys.executable, "-m", "ablation", *args], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    root = out / "runs" / "botk" / "published"
+    root = out / "runs" / "lowk" / "published"
+    epochs = load_preset("mini")["studies"]["lowk"]["epochs"]
     deadline = time.time() + 60
     # wait until two runs are complete and the third is part-way through
     while time.time() < deadline:
-        third = root / "bot4-s0" / "checkpoints" / "last.pth"
-        if len(summaries(root)) >= 2 and third.exists() and 3 <= len(json.loads(third.read_text())["done"]) < 15:
+        third = root / "low4-s0" / "checkpoints" / "last.pth"
+        if (len(summaries(root)) >= 2 and third.exists()
+                and 3 <= len(json.loads(third.read_text())["done"]) < epochs * 10 - 5):
             break
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # runner and trainer die without cleanup
     proc.wait()
-    assert (root / "bot4-s0" / "ablation.lock").exists()  # a stale lock of dead processes
-    assert not (root / "bot4-s0" / "summary.json").exists()
+    assert (root / "low4-s0" / "ablation.lock").exists()  # a stale lock of dead processes
+    assert not (root / "low4-s0" / "summary.json").exists()
     p = ablation(*args, env={"FAKE_STEPS": "10"})
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "complete 2, ran 4" in p.stdout
-    assert sorted((root / "completions.log").read_text().split()) == sorted(f"bot{k}-s0" for k in (1, 2, 4, 8, 16, 32))
-    for k in (1, 2, 4, 8, 16, 32):
-        summary = json.loads((root / f"bot{k}-s0" / "summary.json").read_text())
-        assert summary["steps"] == list(range(20))  # every step exactly once, none repeated after the kill
-        assert not (root / f"bot{k}-s0" / "ablation.lock").exists()
-    invocations = (root / "bot4-s0" / "invocations.log").read_text().splitlines()
+    assert "complete 2, ran 3" in p.stdout
+    assert sorted((root / "completions.log").read_text().split()) == sorted(f"low{k}-s0" for k in KS)
+    for k in KS:
+        summary = json.loads((root / f"low{k}-s0" / "summary.json").read_text())
+        assert summary["steps"] == list(range(epochs * 10))  # every step exactly once, none repeated after the kill
+        assert not (root / f"low{k}-s0" / "ablation.lock").exists()
+    invocations = (root / "low4-s0" / "invocations.log").read_text().splitlines()
     assert len(invocations) == 2 and invocations[0].endswith("start_step=0") and not invocations[1].endswith("=0")
     assert not (root / "CONCURRENT").exists()
 
@@ -149,10 +163,10 @@ def test_two_concurrent_runners_never_train_a_point_twice(tmp_path):
     assert all(p.returncode == 0 for p in procs), outputs
     root = out / "runs" / "lowk" / "published"
     done = (root / "completions.log").read_text().split()
-    assert sorted(done) == sorted(f"low{k}-s{s}" for k in (1, 2, 4, 8, 16, 32) for s in (0, 1))  # each once
+    assert sorted(done) == sorted(f"low{k}-s{s}" for k in KS for s in (0, 1))  # each once
     assert not (root / "CONCURRENT").exists()
     ran = [int(o.split(" ran ")[1].split(",")[0]) for o in outputs if " ran " in o]
-    assert sum(ran) == 12
+    assert sum(ran) == 2 * len(KS)
 
 
 def test_stale_and_live_locks(tmp_path):
@@ -180,16 +194,16 @@ def test_stale_and_live_locks(tmp_path):
 
 def test_run_corrupt_summary_and_failed_trainer(tmp_path):
     out = tmp_path / "res"
-    bad = out / "runs" / "topk" / "published" / "top1-s0" / "summary.json"
+    bad = out / "runs" / "lowk" / "published" / "low1-s0" / "summary.json"
     bad.parent.mkdir(parents=True)
     bad.write_text("[1, 2")
-    p = ablation("run", "--study", "topk", "--preset", "mini", "--output", str(out), "--trainer-cmd", FAKE)
+    p = ablation("run", "--study", "lowk", "--preset", "mini", "--output", str(out), "--trainer-cmd", FAKE)
     assert p.returncode == 2 and p.stderr.startswith("error: corrupt summary file") and "Traceback" not in p.stderr
     assert bad.read_text() == "[1, 2"  # left alone
     bad.unlink()
-    p = ablation("run", "--study", "topk", "--preset", "mini", "--output", str(out), "--limit", "1",
+    p = ablation("run", "--study", "lowk", "--preset", "mini", "--output", str(out), "--limit", "1",
                  "--trainer-cmd", f"{sys.executable} -c 'import sys; sys.exit(5)'")
-    assert p.returncode == 1 and "failed: topk/published/top1-s0" in p.stderr
+    assert p.returncode == 1 and "failed: lowk/published/low1-s0" in p.stderr
     assert not (bad.parent / "ablation.lock").exists()
 
 
@@ -210,13 +224,55 @@ def test_submitit_jobs_run_through_the_same_locks(tmp_path):
     assert json.loads((summary.parent / "ablation.json").read_text())["frequencies"] == [[0, 0]]
 
 
+def test_jobs_runs_in_parallel_each_point_once_after_the_base(tmp_path):
+    out = tmp_path / "res"
+    args = [sys.executable, "-m", "ablation", "run", "--study", "single_freq", "--preset", "mini", "--seeds", "1",
+            "--output", str(out), "--trainer-cmd", FAKE, "--quiet", "--jobs", "2"]
+    env = {**os.environ, "FAKE_STEPS": "2", "FAKE_SLEEP": "0.02"}
+    p = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    sf = out / "runs" / "single_freq"
+    done = (sf / "completions.log").read_text().split()
+    assert done[0] == "base" and sorted(done) == sorted(["base"] + [f"u{u}v{v}-s0" for u in range(4) for v in range(4)])
+    assert not (sf / "CONCURRENT").exists() and "17/17 runs complete" in p.stdout
+    starts = [line for line in p.stdout.splitlines() if line.startswith("[ablation] done")]
+    assert len(starts) == 17  # every run reported once, by the runner that trained it
+
+
+def test_bad_base_checkpoint_fails_once_at_planning(tmp_path):
+    import torch
+    out = tmp_path / "res"
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(os.urandom(256))
+    fca = tmp_path / "fca.pth"
+    import models
+    kw = dict(widths=[16, 16, 32, 32], input_size=32, stem="cifar", grid=4, reduction=4)
+    torch.save(models.create_model("fcanet10", num_classes=10, freq=[[0, 0]], **kw).state_dict(), fca)
+    classes = tmp_path / "r5.pth"
+    torch.save({"model": models.create_model("resnet10", num_classes=5, **kw).state_dict()}, classes)
+    good = tmp_path / "r10.pth"
+    torch.save({"model": models.create_model("resnet10", num_classes=10, **kw).state_dict()}, good)
+    for path, needle in ((junk, "not a PyTorch checkpoint"), (fca, "holds attention weights"),
+                         (classes, "does not fit the preset's network"), (tmp_path / "nope.pth", "file not found")):
+        p = ablation("run", "--study", "single_freq", "--preset", "mini", "--output", str(out), "--trainer-cmd", FAKE,
+                     "--base-checkpoint", str(path))
+        assert p.returncode == 2 and p.stdout == "", (path, p.stdout)
+        assert p.stderr.startswith("error: --base-checkpoint") and needle in p.stderr and p.stderr.count("\n") == 1
+        assert "weights_only=False" not in p.stderr and "set to `False`" not in p.stderr  # never advise unsafe loads
+        assert not (out / "runs" / "single_freq").exists()  # nothing started
+    p = ablation("plan", "--study", "single_freq", "--preset", "mini", "--output", str(out),
+                 "--base-checkpoint", str(good))
+    assert p.returncode == 0 and "# base checkpoint:" in p.stdout and "dependency" not in p.stdout
+
+
 def test_emit_sbatch(tmp_path):
     script = tmp_path / "sf.sbatch"
     p = ablation("run", "--study", "single_freq", "--preset", "imagenet", "--output", str(tmp_path), "--gpus", "8",
                  "--emit-sbatch", str(script))
     assert p.returncode == 0, p.stderr
     text = script.read_text()
-    assert "#SBATCH --gpus-per-node=8" in text and "--array=1-49%8" in text and "--index \"$SLURM_ARRAY_TASK_ID\"" in text
+    assert "#SBATCH --gpus-per-node=8" in text and "--array=1-49%8" in text
+    assert "--index \"$SLURM_ARRAY_TASK_ID\"" in text
     assert "#   0: single_freq/base" in text and "#   49: single_freq/u6v6-s0" in text
 
 

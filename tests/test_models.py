@@ -315,3 +315,57 @@ def test_loads_released_eca_layout_old_bn_and_half_precision_checkpoints():
     fca = create_model("fcanet18", num_classes=10, **TINY)
     half = {k: v.half() if v.is_floating_point() else v for k, v in fca.state_dict().items()}
     assert load_weights(create_model("fcanet18", num_classes=10, **TINY), half).new == []
+
+
+# ---------------------------------------------------------------- frequency grid S and the CIFAR stem
+def test_cifar_stem_maps_and_grid4_scaling():
+    """32x32 inputs with the CIFAR stem: stage maps 32/16/8/4, so a 4x4 grid fits every stage and the index
+    (u, v) of the grid is (u * size // 4, v * size // 4) in each stage's DCT."""
+    model = create_model("fcanet10", num_classes=10, widths=(16, 16, 32, 32), input_size=32, stem="cifar",
+                         grid=4, freq=[(1, 3)], reduction=4)
+    assert isinstance(model.maxpool, torch.nn.Identity) and model.conv1.kernel_size == (3, 3)
+    assert model.conv1.stride == (1, 1)
+    layers = (model.layer1, model.layer2, model.layer3, model.layer4)
+    assert [layer[0].att.dct_layer.dct_h for layer in layers] == [32, 16, 8, 4]
+    for layer in layers:
+        pool = layer[0].att.dct_layer
+        s = pool.dct_h // 4
+        expect = dct_2d(pool.dct_h, pool.dct_w, 1 * s, 3 * s).float()
+        assert torch.allclose(pool.weight[0], expect)
+    feats = model.forward_features(torch.randn(2, 3, 32, 32))
+    assert feats.shape == (2, 32, 4, 4)
+
+
+def test_grid_larger_than_a_stage_map_is_refused():
+    # ImageNet stem at 32x32: maps 8/4/2/1, smaller than a 4x4 grid from stage 3 on
+    with pytest.raises(ValueError, match=r"stage 3 sees a 2x2 map.*smaller than the 4x4 frequency grid"):
+        create_model("fcanet18", input_size=32, grid=4, freq=[(0, 0)])
+    with pytest.raises(ValueError, match="smaller than the 7x7"):
+        create_model("fcanet50", input_size=160, grid=7)  # last map 5x5
+    # the published orders are defined on the 7x7 grid only
+    with pytest.raises(ValueError, match="defined on the 7x7 grid"):
+        create_model("fcanet18", input_size=32, stem="cifar", grid=4, freq="top4")
+    with pytest.raises(ValueError, match=r"out of range.*4x4 grid"):
+        create_model("fcanet18", input_size=32, stem="cifar", grid=4, freq=[(4, 0)])
+    with pytest.raises(ValueError, match="unknown stem"):
+        create_model("resnet18", stem="tiny")
+    # default (no grid given): the authors' behaviour, a 7x7 DCT of a pooled-up small map
+    assert create_model("fcanet18", input_size=32).layer4[0].att.dct_layer.dct_h == 7
+
+
+def test_explicit_grid7_at_224_matches_the_default():
+    a = create_model("fcanet50", freq="top16")
+    b = create_model("fcanet50", freq="top16", grid=7)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        if ka.endswith("dct_layer.weight"):
+            assert ka == kb and torch.equal(va, vb)
+
+
+def test_low_order_generalises_the_published_list():
+    from models.dct import low_order
+    assert low_order(7)[:32] == published("low")
+    assert sorted(low_order(7)) == [(u, v) for u in range(7) for v in range(7)]
+    four = low_order(4)
+    assert four == [f for f in published("low") if max(f) < 4] and len(four) == 16
+    assert sorted(low_order(9)) == [(u, v) for u in range(9) for v in range(9)]
+    assert scale_frequencies([(1, 1)], 32, 32, grid=4) == [(8, 8)]
