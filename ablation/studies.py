@@ -308,14 +308,6 @@ def check_base_checkpoint(path: str, run: Run) -> str:
     return str(file.resolve())
 
 
-def check_schedule_support() -> None:
-    """``--finetune-schedule paper-code`` needs the trainer to take a cosine length other than its epochs."""
-    from engine.config import all_keys
-    if SCHEDULE_KEY not in all_keys():
-        raise AblationError(f"--finetune-schedule paper-code needs the trainer config key {SCHEDULE_KEY!r} "
-                            f"(cosine length in epochs), which this trainer does not have")
-
-
 def build_plan(study: str, preset_name: str, seeds: Optional[int] = None, runs_root: Optional[Path] = None,
                freq_source: str = "auto", base_checkpoint: Optional[str] = None,
                finetune_schedule: str = "ours") -> Plan:
@@ -381,7 +373,6 @@ def build_plan(study: str, preset_name: str, seeds: Optional[int] = None, runs_r
             init = None  # validated below, against the first fine-tune's network
         schedule = {}
         if finetune_schedule == "paper-code":
-            check_schedule_support()
             schedule = {SCHEDULE_KEY: PAPER_CODE_SCHEDULE_EPOCHS}
         for seed in range(seeds):
             for u, v in grid_points(size):

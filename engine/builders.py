@@ -170,7 +170,8 @@ def build_optimization(cfg: Config, model: nn.Module, info: dist_lib.DistInfo,
     """SGD (momentum, weight decay) at the linearly scaled peak lr, warmup + cosine per step (the paper's
     recipe, Sec. 4.1), label-smoothed cross-entropy."""
     peak = scaled_lr(cfg.optim.base_lr, cfg.train.batch_size * info.world_size)
-    schedule = WarmupCosineSchedule.from_epochs(peak, steps_per_epoch, cfg.train.epochs, cfg.train.warmup_epochs)
+    schedule = WarmupCosineSchedule.from_epochs(peak, steps_per_epoch, cfg.train.schedule_epochs or cfg.train.epochs,
+                                                cfg.train.warmup_epochs)
     optimizer = make_sgd(model, schedule.lr(0), info.device, momentum=cfg.optim.momentum,
                          weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
     scaler = make_scaler(cfg.train.amp)

@@ -62,6 +62,9 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = _f(100, min=1)
     warmup_epochs: float = _f(5.0, min=0.0)
+    # Cosine length in epochs when it differs from the run's length: the authors' main.py fine-tunes on the
+    # first epochs of a 100-epoch (5 warmup + 95 cosine) schedule. null: train.epochs.
+    schedule_epochs: Optional[int] = _f(None, min=1, help="lr schedule length in epochs (null: train.epochs)")
     batch_size: int = _f(128, min=1, help="per process")
     amp: str = _f("bf16", choices=("bf16", "fp16", "off"))
     label_smoothing: float = _f(0.1, min=0.0)
@@ -268,14 +271,18 @@ def _build(cls: type, raw: Any, prefix: str = "") -> Any:
 def _check_semantics(cfg: Config) -> None:
     """Cross-field and domain checks that a type cannot express."""
     if cfg.model.freq is not None:
-        from models.dct import parse_frequencies  # the model zoo owns the frequency grammar
+        from models.dct import GRID, parse_frequencies  # the model zoo owns the frequency grammar
         try:
-            parse_frequencies(cfg.model.freq)
+            parse_frequencies(cfg.model.freq, grid=int(cfg.model.kwargs.get("grid") or GRID))
         except (ValueError, TypeError) as e:
             raise ConfigError(f"config key 'model.freq': {e}") from None
-    if cfg.train.warmup_epochs > cfg.train.epochs:
-        raise ConfigError(f"config key 'train.warmup_epochs': {cfg.train.warmup_epochs:g} exceeds "
-                          f"train.epochs={cfg.train.epochs}")
+    if cfg.train.schedule_epochs is not None and cfg.train.schedule_epochs < cfg.train.epochs:
+        raise ConfigError(f"config key 'train.schedule_epochs': {cfg.train.schedule_epochs} is shorter than "
+                          f"train.epochs={cfg.train.epochs} (the lr would sit at 0 for the last epochs)")
+    schedule_epochs = cfg.train.schedule_epochs or cfg.train.epochs
+    if cfg.train.warmup_epochs > schedule_epochs:
+        raise ConfigError(f"config key 'train.warmup_epochs': {cfg.train.warmup_epochs:g} exceeds the schedule's "
+                          f"{schedule_epochs} epochs")
     if cfg.data.image_size > MAX_IMAGE_SIZE:
         size, batch = cfg.data.image_size, cfg.train.batch_size
         raise ConfigError(f"config key 'data.image_size': bad value {size}; must be <= {MAX_IMAGE_SIZE} (one "

@@ -222,7 +222,8 @@ def test_mini_statistics_significance_and_stability(tmp_path):
             level = 80.0 if (u, v) == (3, 3) else 91.0 + 0.01 * ((u * 4 + v) % 3)
             seeded(runs, f"u{u}v{v}", [level + n for n in noise[(u + v) % 3:] + noise[:(u + v) % 3]], epochs)
     assert main(["collect", "--study", "single_freq", "--preset", "mini", "--output", str(out)]) == 0
-    rows = {(int(r["u"]), int(r["v"])): r for r in csv.DictReader((out / "single_freq" / "table.csv").read_text().splitlines())}
+    table = (out / "single_freq" / "table.csv").read_text().splitlines()
+    rows = {(int(r["u"]), int(r["v"])): r for r in csv.DictReader(table)}
     assert len(rows) == 16 and all(r["n"] == "3" for r in rows.values())
     assert float(rows[(3, 3)]["p_vs_best"]) < 0.05 and float(rows[(3, 3)]["p_vs_00"]) < 0.05
     assert all(float(r["p_vs_00"]) > 0.05 for k, r in rows.items() if k not in ((0, 0), (3, 3)))
@@ -295,21 +296,19 @@ def test_bad_base_checkpoint_and_throughput(tmp_path):
 
 
 def test_finetune_schedule_paper_code(tmp_path, capsys):
-    """`--finetune-schedule paper-code`: the authors' 100-epoch schedule length for the fine-tunes, in separate
-    run directories; refused with one line while the trainer has no key for a schedule length."""
+    """`--finetune-schedule paper-code`: the authors' 100-epoch schedule length for the fine-tunes (trainer key
+    train.schedule_epochs), in separate run directories."""
     from ablation.studies import PAPER_CODE_SCHEDULE_EPOCHS, SCHEDULE_KEY
-    from engine.config import all_keys
+    from engine.config import load_config
     args = ["plan", "--study", "single_freq", "--preset", "imagenet", "--output", str(tmp_path),
             "--finetune-schedule", "paper-code"]
-    if SCHEDULE_KEY in all_keys():
-        plan = build_plan("single_freq", "imagenet", runs_root=tmp_path, finetune_schedule="paper-code")
-        assert all(r.overrides[SCHEDULE_KEY] == PAPER_CODE_SCHEDULE_EPOCHS for r in plan.runs[1:])
-        assert "/paper-code/" in str(plan.runs[1].run_dir) and plan.runs[0].run_dir.name == "base"
-        assert main(args) == 0
-    else:
-        assert main(args) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and SCHEDULE_KEY in err
+    plan = build_plan("single_freq", "imagenet", runs_root=tmp_path, finetune_schedule="paper-code")
+    assert all(r.overrides[SCHEDULE_KEY] == PAPER_CODE_SCHEDULE_EPOCHS for r in plan.runs[1:])
+    assert "/paper-code/" in str(plan.runs[1].run_dir) and plan.runs[0].run_dir.name == "base"
+    run = plan.runs[1]
+    cfg = load_config(REPO / run.config, run.override_args())
+    assert cfg.train.schedule_epochs == PAPER_CODE_SCHEDULE_EPOCHS and cfg.train.epochs == 20
+    assert main(args) == 0
     with pytest.raises(AblationError, match="applies to the single_freq"):
         build_plan("topk", "imagenet", runs_root=tmp_path, finetune_schedule="paper-code")
 

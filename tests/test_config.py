@@ -47,6 +47,7 @@ def test_defaults_and_overrides_are_typed():
     ("model.freq=[[0, 9]]", "config key 'model.freq'"),
     ("data.source=webdataset", "config key 'data.source': bad value 'webdataset'"),
     ("train.warmup_epochs=200", "config key 'train.warmup_epochs'"),
+    ("train.schedule_epochs=50", "config key 'train.schedule_epochs': 50 is shorter than train.epochs=100"),
     ("noequals", "bad override 'noequals'"),
 ])
 def test_bad_overrides_are_one_line_errors(override, needle):
@@ -168,3 +169,11 @@ def test_gpu_pipeline_is_a_valid_choice():
     # synthetic data has no JPEGs to decode: refused whatever the machine (not accepted and recorded)
     assert err(["data.source=synthetic", "data.pipeline=gpu"]).startswith(
         "config key 'data.pipeline': 'gpu' decodes JPEG files and data.source=synthetic")
+
+
+def test_model_freq_is_checked_on_the_models_grid():
+    """A 4x4 grid takes (u, v) in [0, 3]; the published orders (7x7) are refused on it."""
+    grid4 = ["model.name=fcanet18", "model.kwargs={grid: 4, stem: cifar}", "data.image_size=32"]
+    assert load_config(BASE_CONFIG, grid4 + ["model.freq=[[3, 3]]"]).model.freq == [[3, 3]]
+    assert "out of range" in err(grid4 + ["model.freq=[[0, 4]]"])
+    assert "published order" in err(grid4 + ["model.freq=top4"])

@@ -4,11 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import make_imagenet_subset as mis  # scripts/ is on sys.path (pytest.ini pythonpath)
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import make_imagenet_subset as mis  # noqa: E402
 
 LIST = REPO / "configs" / "ablation" / "imagenet100_classes.txt"
 

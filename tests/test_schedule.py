@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from conftest import BASE_CONFIG
+
 from engine.schedule import WarmupCosineSchedule, lr_at, lr_factor, scaled_lr
 
 
@@ -51,3 +53,16 @@ def test_schedule_sets_the_lr_of_every_step_and_resumes_by_step_alone():
     assert longer.lr(17) == pytest.approx(lr_at(17, 0.4, 10, 80)) and longer.lr(17) > sched.lr(17)
     with pytest.raises(ValueError):
         WarmupCosineSchedule(0.1, warmup_steps=11, total_steps=10)
+
+
+def test_schedule_epochs_sets_the_cosine_length_not_the_run_length():
+    """train.schedule_epochs=100 with train.epochs=20: the run follows the first 20 epochs of a 100-epoch cosine
+    (the authors' fine-tune reading), so its lr never reaches 0."""
+    from engine.builders import build_optimization
+    from engine.config import load_config
+    from engine.distributed import DistInfo
+    cfg = load_config(BASE_CONFIG, ["train.epochs=20", "train.schedule_epochs=100", "train.warmup_epochs=5"])
+    opt = build_optimization(cfg, torch.nn.Linear(2, 2), DistInfo(), steps_per_epoch=10)
+    assert opt.schedule.total_steps == 1000 and opt.schedule.warmup_steps == 50
+    assert opt.schedule.lr(199) == pytest.approx(opt.schedule.peak_lr * lr_factor(199, 50, 1000))
+    assert opt.schedule.lr(199) > 0.8 * opt.schedule.peak_lr  # 150 of 950 cosine steps in
