@@ -224,6 +224,7 @@ def test_submitit_jobs_run_through_the_same_locks(tmp_path):
     assert json.loads((summary.parent / "ablation.json").read_text())["frequencies"] == [[0, 0]]
 
 
+@pytest.mark.slow
 def test_jobs_runs_in_parallel_each_point_once_after_the_base(tmp_path):
     out = tmp_path / "res"
     args = [sys.executable, "-m", "ablation", "run", "--study", "single_freq", "--preset", "mini", "--seeds", "1",

@@ -172,6 +172,7 @@ PAPER_PARAMS = {  # Table 2, millions
 }
 
 
+@pytest.mark.slow
 def test_table2_parameter_counts_exact():
     with open(PAPER / "table2_imagenet.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 
 import pytest
 
@@ -11,7 +12,8 @@ README = (ROOT / "README.md").read_text()
 
 
 def python_blocks(text: str) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
+    """Every fenced python block, in order, dedented (a block may sit inside a list item)."""
+    return [textwrap.dedent(block) for block in re.findall(r"^[ \t]*```python\n(.*?)^[ \t]*```", text, re.M | re.S)]
 
 
 def test_python_snippets_run_top_to_bottom(tmp_path, monkeypatch, capsys):
@@ -36,7 +38,7 @@ def test_named_repository_files_exist():
                            README))
     named |= {m for m in re.findall(r"\]\(([^)#]+)\)", README) if not m.startswith("http")}
     named = {n for n in named if "<" not in n and "*" not in n and "{" not in n
-             and f"--out {n}" not in README}  # output files a command would create
+             and not re.search(rf"(--out|writes) `?{re.escape(n)}", README)}  # files a command would create
     assert len(named) > 10
     missing = sorted(n for n in named if not (ROOT / n).exists())
     assert not missing, f"README names files that do not exist: {missing}"
