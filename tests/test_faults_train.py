@@ -404,6 +404,7 @@ def test_several_kill_9_at_random_points_then_resume_is_bitwise_equal(data, tmp_
                 break
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+        proc.stdout.close()
         took_over |= any("taking over the run directory" in ln for ln in lines)
         kills += proc.returncode == -signal.SIGKILL and not (out / "summary.json").exists()
     assert kills == 3
