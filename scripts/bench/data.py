@@ -27,7 +27,7 @@ def _transform_variants(image_size: int, resize: int, crop: str) -> dict[str, di
 
     from engine import transforms as tr
     recipe = tr.CROP_RECIPES[crop]
-    # the middle ground the issue mentions: libjpeg-turbo decode + torchvision v2 transforms on uint8
+    # the middle ground between the two: libjpeg-turbo decode + torchvision v2 transforms on uint8
     v2_train = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True, **recipe), v2.RandomHorizontalFlip()])
     v2_val = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)])
     return {
