@@ -8,37 +8,9 @@ A run directory (``output_dir``) with a checkpoint is resumed automatically (a c
 is); one trainer at a time owns a run directory. Exit status: 0 done / stopped by SIGTERM after checkpointing /
 already complete, 2 an error (one ``error:`` line). See README, "Resume, preemption, faults".
 """
-from __future__ import annotations
-
-import argparse
 import sys
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--resume", metavar="CKPT", default=None,
-                        help="resume from this training checkpoint (default: auto-resume from "
-                             "<output_dir>/checkpoints/last.pth, falling back to last.prev.pth)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (YAML values)")
-    args = parser.parse_args(argv)
-
-    from engine.cli import run_guarded
-
-    def run() -> int:
-        from engine.config import dump_config, load_config
-        cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(dump_config(cfg), end="")
-            return 0
-        from engine.trainer import fit
-        fit(cfg, resume=args.resume)
-        return 0
-
-    return run_guarded(run)
-
+from engine.entrypoints import train_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train_main())

@@ -79,22 +79,17 @@ _TRAINER_MAIN = None
 
 
 def _preload_trainer():
-    """Import ``train_imagenet`` and the training engine once in this process (the fork launcher)."""
+    """Import the trainer's ``train_main`` and the training engine once in this process (the fork launcher)."""
     global _TRAINER_MAIN
     if _TRAINER_MAIN is None:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("_fcanet_train_imagenet", REPO / "train_imagenet.py")
-        if spec is None or not (REPO / "train_imagenet.py").exists():
-            raise AblationError(f"trainer not found: {REPO / 'train_imagenet.py'}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        from engine.entrypoints import train_main
         import engine.cli, engine.trainer  # noqa: F401,E401  (the heavy imports, done once)
-        _TRAINER_MAIN = module.main
+        _TRAINER_MAIN = train_main
     return _TRAINER_MAIN
 
 
 def _fork_child(argv: list[str], log_path: str, env: dict[str, str]) -> None:
-    """Child of the fork launcher: the trainer's ``main(argv)`` with stdout/stderr into the run's log."""
+    """Child of the fork launcher: the trainer's ``train_main(argv)`` with stdout/stderr into the run's log."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handler is not the trainer's business
     os.environ.update(env)
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -276,7 +271,7 @@ def prepare_data(plan: Plan, timeout_s: float = 600.0) -> None:
             raise AblationError(f"data preparation of {root} is locked by {describe(lock.holder)} ({lock.path})")
         time.sleep(0.5)
     try:
-        from engine.data import write_digits_imagefolder
+        from engine.data.datasets import write_digits_imagefolder
         write_digits_imagefolder(root)
     finally:
         lock.release()

@@ -15,8 +15,8 @@ import torch.nn as nn
 
 from engine import distributed as dist_lib
 from engine.config import Config, ConfigError
-from engine.data import (ExactEvalBatchSampler, TrainBatchSampler, build_datasets, make_loader,
-                         write_digits_imagefolder)
+from engine.data.datasets import ExactEvalBatchSampler, TrainBatchSampler, write_digits_imagefolder
+from engine.data.pipeline import build_datasets, make_loader
 from engine.schedule import WarmupCosineSchedule, scaled_lr
 
 

@@ -46,7 +46,7 @@ def run_guarded(fn: Callable[[], int | None]) -> int:
     from engine import distributed as dist_lib
     from engine.checkpoint import CheckpointError
     from engine.config import ConfigError
-    from engine.data import CorruptImageError, DataError
+    from engine.data.errors import CorruptImageError, DataError
     from engine.fileio import WriteError
     from engine.trainer import NonFiniteLossError, SimulatedKill
 

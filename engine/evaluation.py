@@ -9,8 +9,10 @@ import torch.nn as nn
 from engine import distributed as dist_lib
 from engine.builders import build_model
 from engine.config import Config, ConfigError
-from engine.data import DataError, ExactEvalBatchSampler, build_datasets, make_loader
-from engine.loader import DevicePrefetcher
+from engine.data.errors import DataError
+from engine.data.datasets import ExactEvalBatchSampler
+from engine.data.pipeline import build_datasets, make_loader
+from engine.data.loader import DevicePrefetcher
 from engine.meter import Meter
 from engine.progress import Progress
 

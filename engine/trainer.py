@@ -28,9 +28,9 @@ from engine.builders import (DataBundle, Optimization, Wrapped, build_data, buil
                              check_model_config, init_from_checkpoint, load_optimizer_state, prepare_model,
                              wrap_model)
 from engine.config import Config, ConfigError, diff_configs, dump_config
-from engine.data import DataError
+from engine.data.errors import DataError
 from engine.evaluation import AMP_DTYPES, evaluate, evaluate_checkpoint
-from engine.loader import DevicePrefetcher
+from engine.data.loader import DevicePrefetcher
 from engine.meter import Meter, MeterReading
 from engine.preemption import Preemption
 from engine.progress import Progress, log_line
@@ -419,7 +419,7 @@ class Trainer:
                 st.best_top1, st.best_epoch = val["top1"], st.epoch + 1
         if cfg.data.pipeline == "gpu":
             # Files of this epoch (train and val) that nvjpeg could not take and the CPU decoded, all ranks.
-            from engine.gpu_decode import fallback_counts
+            from engine.data.gpu_decode import fallback_counts
             n = torch.tensor([float(sum(fallback_counts(reset=True).values()))], device=self.device)
             row["cpu_decoded"] = int(dist_lib.all_reduce_sum(n).item())
         val_text = (f"val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f} top5 {row['val_top5']:.2f} "
@@ -518,7 +518,7 @@ def check_config(cfg: Config, info: dist_lib.DistInfo) -> None:
     check_model_config(cfg)
     check_device(cfg, info)
     if cfg.data.pipeline == "gpu":
-        from engine.gpu_decode import check_available
+        from engine.data.gpu_decode import check_available
         check_available()
 
 

@@ -204,7 +204,7 @@ def make_train_step(model: torch.nn.Module, device: torch.device, precision: str
     :func:`engine.builders.make_scaler`) on a uint8 batch; returns the loss tensor without synchronizing the
     host."""
     from engine.builders import make_scaler, make_sgd
-    from engine.transforms import to_model_input
+    from engine.data.transforms import to_model_input
     model.to(device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)

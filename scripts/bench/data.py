@@ -25,21 +25,22 @@ def _identity(x: Any) -> Any:
 def _transform_variants(image_size: int, resize: int, crop: str) -> dict[str, dict[str, tuple]]:
     from torchvision.transforms import v2
 
-    from engine import transforms as tr
+    from engine.data import pipeline as pl
+    from engine.data import transforms as tr
     recipe = tr.CROP_RECIPES[crop]
     # the middle ground between the two: libjpeg-turbo decode + torchvision v2 transforms on uint8
     v2_train = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True, **recipe), v2.RandomHorizontalFlip()])
     v2_val = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)])
     return {
-        "train": {"reference": tr.build_train_transform(image_size, crop, "torchvision"),
+        "train": {"reference": pl.build_train_transform(image_size, crop, "torchvision"),
                   "decode_jpeg+v2 uint8": (tr.uint8_loader, v2_train),
-                  "fast (ours)": tr.build_train_transform(image_size, crop, "fast"),
+                  "fast (ours)": pl.build_train_transform(image_size, crop, "fast"),
                   # the floor: a full-resolution decode alone (no augmentation, no conversion)
                   "decode only: PIL": (tr.pil_loader, _identity),
                   "decode only: decode_jpeg": (tr.uint8_loader, _identity)},
-        "val": {"reference": tr.build_val_transform(image_size, resize, "torchvision"),
+        "val": {"reference": pl.build_val_transform(image_size, resize, "torchvision"),
                 "decode_jpeg+v2 uint8": (tr.uint8_loader, v2_val),
-                "fast (ours)": tr.build_val_transform(image_size, resize, "fast")},
+                "fast (ours)": pl.build_val_transform(image_size, resize, "fast")},
     }
 
 
@@ -53,12 +54,12 @@ def _dataloader_rate(pipeline: str, kind: str, root: Path, args, workers: int) -
 
     from torchvision.datasets import ImageFolder
 
-    from engine import transforms as tr
-    from engine.loader import build_dataloader
+    from engine.data import pipeline as pl
+    from engine.data.loader import build_dataloader
     if kind == "train":
-        loader, tf = tr.build_train_transform(args.image_size, args.crop, pipeline)
+        loader, tf = pl.build_train_transform(args.image_size, args.crop, pipeline)
     else:
-        loader, tf = tr.build_val_transform(args.image_size, args.resize, pipeline)
+        loader, tf = pl.build_val_transform(args.image_size, args.resize, pipeline)
     ds = ImageFolder(str(root), transform=tf, loader=loader)
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     dl = build_dataloader(ds, args.batch, workers=workers, device="cpu", shuffle=kind == "train")
@@ -81,7 +82,7 @@ def _dataloader_rate(pipeline: str, kind: str, root: Path, args, workers: int) -
 
 
 def run(args) -> None:
-    from engine import transforms as tr
+    from engine.data import transforms as tr
     if args.image_size < 1 or args.resize < args.image_size:
         raise BenchError(f"--resize ({args.resize}) must be >= --image-size ({args.image_size}) >= 1")
     if args.crop not in tr.CROP_RECIPES:
@@ -167,7 +168,7 @@ def run(args) -> None:
                            "reference worker CPU-ms/img", "fast worker CPU-ms/img", "vs reference (per core)"], rows)
         print("\n" + table2)
         sections.append(
-            f"## Through the DataLoader (`engine.loader.build_dataloader`, batch {args.batch}, "
+            f"## Through the DataLoader (`engine.data.loader.build_dataloader`, batch {args.batch}, "
             f"{args.dl_images} files per size)\n\n"
             f"The main process only iterates the batches; {available_cpus()} cores are shared by the workers and "
             f"the main process. img/s: wall clock over >= {args.seconds:g}s after a warm-up epoch, median of "

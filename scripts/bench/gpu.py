@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> None:
         raise BenchError("--trainer-images must be >= 2 x --trainer-batch >= 2 and --trainer-models non-empty")
     args.sizes_list = parse_sizes(args.sizes)
     if args.workers is None:
-        from engine.loader import default_workers
+        from engine.data.loader import default_workers
         args.workers = default_workers()
     if min(args.workers, args.gpu_workers) < 0:
         raise BenchError("--workers and --gpu-workers must be >= 0")

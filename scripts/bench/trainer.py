@@ -31,7 +31,7 @@ def reference_recipe_run(root: Path, args, device: torch.device, epochs: int) ->
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
-    from engine.transforms import CROP_RECIPES, IMAGENET_MEAN, IMAGENET_STD
+    from engine.data.transforms import CROP_RECIPES, IMAGENET_MEAN, IMAGENET_STD
     from models import create_model
     tf = T.Compose([T.RandomResizedCrop(args.image_size, **CROP_RECIPES["fcanet"]), T.RandomHorizontalFlip(),
                     T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -96,7 +96,7 @@ def run(args) -> None:
     if min(args.images, args.batch, args.epochs, args.rounds) < 1 or args.images < 2 * args.batch:
         raise BenchError("--images must be >= 2 x --batch and --batch, --epochs, --rounds >= 1")
     if args.workers is None:
-        from engine.loader import default_workers
+        from engine.data.loader import default_workers
         args.workers = default_workers()
     if args.workers < 0:
         raise BenchError(f"--workers must be >= 0, got {args.workers}")
@@ -172,7 +172,7 @@ def add_parser(sub) -> None:
     r.add_argument("--image-size", type=int, default=224)
     r.add_argument("--epochs", type=int, default=2, help="timed epochs for each side (after one warm-up epoch)")
     r.add_argument("--workers", type=int, default=None,
-                   help="DataLoader workers, both sides (default: engine.loader.default_workers())")
+                   help="DataLoader workers, both sides (default: engine.data.loader.default_workers())")
     r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="both sides (default: on CUDA only)")
     r.add_argument("--widths", type=parse_widths, default=None,

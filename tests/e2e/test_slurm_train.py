@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # imported by pytest as a plugin (pytest_plugins), not here: 
 pytest_plugins = ("slurm_cluster",)
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "slurm_train.sbatch"
 DEMO = ROOT / "configs" / "demo" / "fcanet_digits.yaml"
 EPOCHS = 3
@@ -58,7 +58,7 @@ def job_env(**extra) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
-    from engine.data import write_digits_imagefolder
+    from engine.data.datasets import write_digits_imagefolder
     return write_digits_imagefolder(tmp_path_factory.mktemp("slurm_data") / "digits")
 
 

@@ -10,9 +10,10 @@ import torch
 from conftest import BASE_CONFIG, tiny_overrides, write_tiny_imagefolder
 from torchvision.datasets import ImageFolder
 
-from engine.data import (CorruptImageError, DataError, ExactEvalBatchSampler, RobustImageFolder, TrainBatchSampler,
-                         collate, write_digits_imagefolder)
-from engine.transforms import build_train_transform
+from engine.data.errors import CorruptImageError, DataError
+from engine.data.datasets import (ExactEvalBatchSampler, RobustImageFolder, TrainBatchSampler, collate,
+                                  write_digits_imagefolder)
+from engine.data.pipeline import build_train_transform
 
 
 def test_train_order_is_a_pure_function_of_seed_epoch_rank():
@@ -111,7 +112,8 @@ def test_eval_only_detects_missing_val_class_folder(tmp_path):
     import shutil
 
     from engine.config import load_config
-    from engine.data import DataError, build_datasets
+    from engine.data.errors import DataError
+    from engine.data.pipeline import build_datasets
     root = write_tiny_imagefolder(tmp_path / "data")
     cfg = load_config(BASE_CONFIG, tiny_overrides(root, tmp_path / "out"))
     assert len(build_datasets(cfg, 3, need_train=False)[1]) == 12

@@ -1,4 +1,4 @@
-"""Behaviour of the input pipelines (engine/transforms.py, engine/loader.py): shapes, dtypes, values and
+"""Behaviour of the input pipelines (engine/data/transforms.py, engine/data/loader.py): shapes, dtypes, values and
 the crop distribution, on JPEG/PNG files made from scikit-learn's sample photos."""
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
-from engine import transforms as tr
-from engine.loader import build_dataloader, default_workers
+from engine.data import pipeline as pl
+from engine.data import transforms as tr
+from engine.data.errors import UnsupportedImageError
+from engine.data.loader import build_dataloader, default_workers
 from image_modes import H as MODE_H, W as MODE_W, mode_cases  # tests/image_modes.py
 
 
@@ -136,8 +138,8 @@ def test_dct_scaled_decode_is_close_to_full_decode(photos, size):
 
 
 def test_fast_transforms_on_various_inputs(tmp_path, photos):
-    loader, train = tr.build_train_transform(224, "fcanet", "fast")
-    vloader, val = tr.build_val_transform(224, 256, "fast")
+    loader, train = pl.build_train_transform(224, "fcanet", "fast")
+    vloader, val = pl.build_val_transform(224, 256, "fast")
     files = {
         "rgb.jpg": _jpeg(photos[0], (500, 375)),
         "big.jpg": _jpeg(photos[1], (1000, 750)),
@@ -162,8 +164,8 @@ def test_fast_val_is_close_to_reference_val(tmp_path, photos):
     """Same pixels as Resize(256) + CenterCrop(224) of the reference, up to resampling differences."""
     for k, size in [(0, (500, 375)), (1, (1000, 750)), (0, (375, 500))]:
         p = _write(tmp_path / f"{k}_{size[0]}.jpg", _jpeg(photos[k], size))
-        floader, fast = tr.build_val_transform(224, 256, "fast")
-        rloader, ref = tr.build_val_transform(224, 256, "torchvision")
+        floader, fast = pl.build_val_transform(224, 256, "fast")
+        rloader, ref = pl.build_val_transform(224, 256, "torchvision")
         x = tr.to_model_input(fast(floader(p)).unsqueeze(0), "cpu")[0]
         y = ref(rloader(p))
         assert x.shape == y.shape == (3, 224, 224)
@@ -174,7 +176,7 @@ def test_fast_val_is_close_to_reference_val(tmp_path, photos):
 def test_fast_train_flip_rate_and_crop_use(tmp_path, photos):
     """A left-right mirrored image under the same seed gives the mirrored crop iff no flip was drawn."""
     p = _write(tmp_path / "a.jpg", _jpeg(photos[0], (500, 375)))
-    loader, train = tr.build_train_transform(64, "fcanet", "fast")
+    loader, train = pl.build_train_transform(64, "fcanet", "fast")
     enc = loader(p)
     torch.manual_seed(3)
     outs = [train(enc) for _ in range(400)]
@@ -191,7 +193,7 @@ def test_fast_train_flip_rate_and_crop_use(tmp_path, photos):
 
 def test_reference_pipeline_output(tmp_path, photos):
     p = _write(tmp_path / "a.jpg", _jpeg(photos[0], (500, 375)))
-    loader, train = tr.build_train_transform(224, "torchvision", "torchvision")
+    loader, train = pl.build_train_transform(224, "torchvision", "torchvision")
     x = train(loader(p))
     assert x.dtype == torch.float32 and x.shape == (3, 224, 224)
     assert -3 < x.min() < 0 < x.max() < 3
@@ -211,15 +213,15 @@ def test_to_model_input_matches_reference_normalization():
 
 def test_bad_arguments_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown data pipeline 'dali'"):
-        tr.build_train_transform(224, "fcanet", "dali")
+        pl.build_train_transform(224, "fcanet", "dali")
     with pytest.raises(ValueError, match="unknown crop recipe 'inception'"):
-        tr.build_train_transform(224, "inception", "fast")
+        pl.build_train_transform(224, "inception", "fast")
     with pytest.raises(ValueError, match="image_size"):
-        tr.build_val_transform(0, 256, "fast")
+        pl.build_val_transform(0, 256, "fast")
     with pytest.raises(ValueError, match="resize must be"):
-        tr.build_val_transform(224, 200, "fast")
+        pl.build_val_transform(224, 200, "fast")
     with pytest.raises(TypeError, match="EncodedImage"):
-        tr.build_train_transform(224)[1](torch.zeros(3, 8, 8, dtype=torch.uint8))
+        pl.build_train_transform(224)[1](torch.zeros(3, 8, 8, dtype=torch.uint8))
     junk = _write(tmp_path / "junk.jpg", b"not an image at all")
     with pytest.raises(OSError):  # PIL.UnidentifiedImageError is an OSError: caught as a corrupt file
         tr.encoded_loader(junk)
@@ -236,7 +238,7 @@ def test_imagefolder_dataloader_fast_pipeline(tmp_path, photos):
         d.mkdir()
         for k in range(3):
             _write(d / f"{k}.jpg", _jpeg(photos[c], (160 + 40 * k, 120 + 30 * k)))
-    loader, transform = tr.build_train_transform(64, "fcanet", "fast")
+    loader, transform = pl.build_train_transform(64, "fcanet", "fast")
     ds = ImageFolder(str(tmp_path), transform=transform, loader=loader)
     dl = build_dataloader(ds, batch_size=4, workers=1, device="cpu", shuffle=True, drop_last=True)
     assert dl.num_workers == 1 and dl.persistent_workers and dl.prefetch_factor == 4 and not dl.pin_memory
@@ -297,7 +299,7 @@ def test_16bit_gradient_spans_0_to_255_not_white(tmp_path):
 def test_modes_without_an_8bit_range_are_refused_naming_the_mode(tmp_path, case):
     path = _write(tmp_path / (case.name + case.ext), case.data)
     for loader in (tr.pil_loader, tr.encoded_loader, tr.uint8_loader):
-        with pytest.raises(tr.UnsupportedImageError, match=f"image mode '{case.mode}'"):
+        with pytest.raises(UnsupportedImageError, match=f"image mode '{case.mode}'"):
             loader(path)
 
 

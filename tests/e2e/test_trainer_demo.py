@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import ROOT
-from train_imagenet import main
+from engine.entrypoints import train_main as main
 
 
 @pytest.mark.slow

@@ -27,17 +27,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import has_file_allowed_extension
 
-from engine import gpu_decode
-from engine import loader as loader_lib
-from engine.transforms import UnsupportedImageError, build_train_transform, build_val_transform
-
-
-class CorruptImageError(RuntimeError):
-    """An image file that cannot be read or decoded."""
-
-
-class DataError(ValueError):
-    """A missing or malformed data set (one-line message)."""
+from engine.data import gpu_decode
+from engine.data.errors import DECODE_ERRORS, CorruptImageError, DataError, UnsupportedImageError
 
 
 def scan_image_folder(directory: str, class_to_idx: dict[str, int],
@@ -124,12 +115,6 @@ def _seeded(fn: Callable[[], Any], seed: int | None) -> Any:
         return fn()
     finally:
         gen.set_state(saved)
-
-
-# What reading or decoding a bad file raises: PIL (OSError incl. UnidentifiedImageError; SyntaxError,
-# ValueError or EOFError from some plugins; DecompressionBombError), torchvision's decoders (RuntimeError),
-# absurd sizes (MemoryError).
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, RuntimeError, MemoryError, Image.DecompressionBombError)
 
 
 class RobustImageFolder(ImageFolder):
@@ -264,59 +249,6 @@ class ExactEvalBatchSampler(Sampler):
 
 
 # ----------------------------------------------------------------------------------------------------
-
-def _imagefolder(root: Path, split: str, transform: Callable, loader: Callable, skip: bool) -> RobustImageFolder:
-    folder = root / split
-    if not folder.is_dir():
-        raise DataError(f"data.root: {root} has no {split}/ folder (expected an ImageFolder tree "
-                        f"{root}/{{train,val}}/<class>/<image>)")
-    try:
-        return RobustImageFolder(str(folder), transform=transform, loader=loader, skip_corrupt=skip)
-    except (FileNotFoundError, OSError) as e:  # e.g. no class folders / no images
-        raise DataError(f"data.root: cannot use {folder}: {str(e).splitlines()[0]}") from None
-
-
-def build_datasets(cfg, num_classes: int, need_train: bool = True) -> tuple[Dataset | None, Dataset]:
-    """Return ``(train set or None, val set)`` for ``cfg.data``."""
-    d = cfg.data
-    if d.source == "synthetic":
-        train = (SyntheticDataset(d.synthetic_train_size, d.image_size, num_classes, seed=cfg.seed)
-                 if need_train else None)
-        return train, SyntheticDataset(d.synthetic_val_size, d.image_size, num_classes, seed=cfg.seed + 1)
-    root = Path(d.root)
-    if not root.is_dir():
-        raise DataError(f"data.root: {root} does not exist or is not a directory")
-    if d.pipeline == "gpu":
-        gpu_decode.check_available()  # one-line ConfigError on a machine without CUDA / nvjpeg
-    train = None
-    if need_train:
-        loader, tf = build_train_transform(d.image_size, crop=d.crop, pipeline=d.pipeline)
-        train = _imagefolder(root, "train", tf, loader, d.skip_corrupt)
-    loader, tf = build_val_transform(d.image_size, d.val_resize, pipeline=d.pipeline)
-    val = _imagefolder(root, "val", tf, loader, d.skip_corrupt)
-    for ds in (train, val):
-        if ds is not None and len(ds.classes) > num_classes:
-            raise DataError(f"model.num_classes={num_classes} but {ds.root} has {len(ds.classes)} class folders")
-    if train is not None and train.class_to_idx != val.class_to_idx:
-        raise DataError(f"data.root: {root}/train and {root}/val have different class folders")
-    if train is None and (root / "train").is_dir():
-        # Evaluation only: a class folder missing from val/ (an interrupted preparation) would shift every
-        # later label and silently give a wrong accuracy. train/ defines the label order; check against it.
-        train_classes = sorted(e.name for e in os.scandir(root / "train") if e.is_dir())
-        if train_classes != val.classes:
-            missing = sorted(set(train_classes) - set(val.classes))[:3]
-            raise DataError(f"data.root: {root}/val has {len(val.classes)} class folders, {root}/train "
-                            f"{len(train_classes)}" + (f" (val lacks e.g. {', '.join(missing)})" if missing else ""))
-    return train, val
-
-
-def make_loader(dataset: Dataset, batch_sampler: Sampler, workers: int | None, device: torch.device) -> DataLoader:
-    """The trainer's DataLoader: :func:`engine.loader.build_dataloader` with its batch samplers and :func:`collate`
-    (``workers=None``: one per CPU of this process's share of the node, see ``default_workers``)."""
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return loader_lib.build_dataloader(dataset, batch_sampler=batch_sampler, workers=workers, device=device,
-                                  collate_fn=collate, local_world_size=local_world)
-
 
 # ----------------------------------------------------------------------------------------------------
 # Built-in demo data: scikit-learn's digits as an ImageFolder of PNGs.

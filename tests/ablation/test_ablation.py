@@ -12,7 +12,7 @@ from ablation.collect import collect
 from ablation.studies import GRID_POINTS, AblationError, build_plan, load_preset
 from models.dct import PUBLISHED_ORDERS, low_order, published_frequencies, rank_frequencies
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PAPER_GRID = {(int(r["u"]), int(r["v"])): float(r["top1_unrounded"])
               for r in csv.DictReader((REPO / "results/paper/fig4_single_frequency.csv").read_text().splitlines())}
 KS = [1, 2, 4, 8, 16, 32]

@@ -37,8 +37,9 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from engine.transforms import (EncodedImage, FastTrainTransform, FastValTransform, _norm_constants,
-                               decode_resized_crop, pixel_box)
+from engine.data.errors import DECODE_ERRORS, CorruptImageError
+from engine.data.transforms import (EncodedImage, FastTrainTransform, FastValTransform, _norm_constants,
+                                    decode_resized_crop, pixel_box)
 
 try:
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -366,7 +367,6 @@ class EncodedBatch:
         return out.sub_(mean).mul_(inv_std)  # elementwise ops keep channels_last
 
     def _cpu_decode(self, data: torch.Tensor, box: tuple, flip: bool, path: str) -> torch.Tensor:
-        from engine.data import DECODE_ERRORS, CorruptImageError  # engine.data imports this module
         try:
             return decode_resized_crop(EncodedImage.from_bytes(data.numpy().tobytes()), box, self.size, flip)
         except DECODE_ERRORS as e:

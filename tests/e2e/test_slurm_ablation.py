@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # imported by pytest as a plugin (pytest_plugins), not here: 
 pytest_plugins = ("slurm_cluster",)
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STUDY, PRESET = "single_freq", "mini"
 LIMIT = 3          # the base network and the first two fine-tunes
 STEPS = 4          # training steps per epoch (the mini preset's epochs have 23)

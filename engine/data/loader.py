@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .transforms import to_model_input
+from engine.data.transforms import to_model_input
 
 DEFAULT_PREFETCH_FACTOR = 4
 

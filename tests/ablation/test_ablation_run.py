@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FAKE = f"{sys.executable} {Path(__file__).resolve()}"
 KS = (1, 2, 4, 8, 16)  # the mini preset's k values
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import make_imagenet_subset as mis  # scripts/ is on sys.path (pytest.ini pythonpath)
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 LIST = REPO / "configs" / "ablation" / "imagenet100_classes.txt"
 

@@ -13,7 +13,7 @@ from models.attention import FCA, DCTPooling, eca_kernel_size
 from models.dct import (PUBLISHED_ORDERS, dct_1d, dct_2d, parse_frequencies, rank_frequencies,
                         scale_frequencies, two_step_criterion)
 
-PAPER = Path(__file__).resolve().parents[1] / "results" / "paper"
+PAPER = Path(__file__).resolve().parents[2] / "results" / "paper"
 TINY = dict(widths=(16, 32, 64, 128), input_size=64)
 
 
@@ -298,7 +298,7 @@ def test_timm_and_hub_entrypoints():
     import timm
     model = timm.create_model("fcanet18", num_classes=3, widths=(16, 32, 64, 128), input_size=64)
     assert isinstance(model, models.ResNet) and model.fc.out_features == 3
-    hub = torch.hub.load(str(Path(__file__).resolve().parents[1]), "fcanet18", source="local", num_classes=3,
+    hub = torch.hub.load(str(Path(__file__).resolve().parents[2]), "fcanet18", source="local", num_classes=3,
                          widths=(16, 32, 64, 128))
     assert isinstance(hub, models.ResNet) and hub.attention.kind == "fca"
 

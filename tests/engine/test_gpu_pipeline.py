@@ -1,4 +1,4 @@
-"""The ``gpu`` data pipeline (engine/gpu_decode.py) on the CPU: JPEG header parsing, which files fall back
+"""The ``gpu`` data pipeline (engine/data/gpu_decode.py) on the CPU: JPEG header parsing, which files fall back
 to the CPU decode (and that they are counted), crop boxes equal to the CPU pipelines', batching, and the
 device-side crop/resize/flip/normalize with nvjpeg replaced by torchvision's CPU JPEG decoder. The one
 test that calls nvjpeg runs only where CUDA is available."""
@@ -13,11 +13,13 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from engine import gpu_decode as gd
-from engine import transforms as tr
+from engine.data import gpu_decode as gd
+from engine.data import pipeline as pl
+from engine.data import transforms as tr
 from engine.config import ConfigError
-from engine.data import CorruptImageError, RobustImageFolder, _seeded, collate
-from engine.loader import build_dataloader
+from engine.data.errors import CorruptImageError
+from engine.data.datasets import RobustImageFolder, _seeded, collate
+from engine.data.loader import build_dataloader
 from image_modes import mode_cases
 
 
@@ -108,8 +110,8 @@ def test_crop_boxes_and_flips_equal_the_fast_pipeline(tmp_path, crop):
     """Same (seed, epoch, index) -> same box and flip, for nvjpeg files and CPU fallbacks alike."""
     photo = _photo(90, 120)
     path = _tree(tmp_path, {"a/x.jpg": _jpeg(photo), "a/y.png": _png(photo)})
-    _, fast = tr.build_train_transform(64, crop, "fast")
-    loader, gpu = tr.build_train_transform(64, crop, "gpu")
+    _, fast = pl.build_train_transform(64, crop, "fast")
+    loader, gpu = pl.build_train_transform(64, crop, "gpu")
     assert loader is gd.gpu_loader and isinstance(gpu, gd.GpuTransform)
     for name in ("a/x.jpg", "a/y.png"):
         f = loader(os.path.join(path, name))
@@ -138,7 +140,7 @@ def test_batch_matches_the_fast_pipeline(tmp_path, train):
     files["c0/p.png"] = _png(_photo(80, 80, seed=9))
     files["c1/g.jpg"] = _jpeg(_photo(70, 90), mode="L")
     root = _tree(tmp_path, files)
-    build = tr.build_train_transform if train else (lambda s, crop, p: tr.build_val_transform(s, 72, p))
+    build = pl.build_train_transform if train else (lambda s, crop, p: pl.build_val_transform(s, 72, p))
     sets = {p: RobustImageFolder(root, *reversed(build(64, "fcanet", p))) for p in ("fast", "gpu")}
     items = [(i, 1000 + i) for i in range(len(sets["fast"]))]
     ref_x, ref_y, _ = collate([sets["fast"][it] for it in items])
@@ -161,7 +163,7 @@ def test_fallbacks_are_counted_and_named_once(tmp_path, capsys):
              "a/grey.jpg": _jpeg(photo, mode="L"), "a/cmyk.jpg": _jpeg(photo, mode="CMYK"),
              "a/png.png": _png(photo), "a/png2.png": _png(photo[::-1].copy())}
     root = _tree(tmp_path, files)
-    loader, tf = tr.build_val_transform(32, 40, "gpu")
+    loader, tf = pl.build_val_transform(32, 40, "gpu")
     ds = RobustImageFolder(root, transform=tf, loader=loader)
     gd.fallback_counts(reset=True)
     batch, _, _ = collate([ds[i] for i in range(len(ds))])
@@ -177,7 +179,7 @@ def test_fallbacks_are_counted_and_named_once(tmp_path, capsys):
 
 def test_a_file_nvjpeg_rejects_is_decoded_on_the_cpu_and_counted(tmp_path):
     root = _tree(tmp_path, {"a/0.jpg": _jpeg(_photo(60, 80)), "a/1.jpg": _jpeg(_photo(64, 64, seed=1))})
-    loader, tf = tr.build_val_transform(32, 40, "gpu")
+    loader, tf = pl.build_val_transform(32, 40, "gpu")
     ds = RobustImageFolder(root, transform=tf, loader=loader)
     batch, _, _ = collate([ds[0], ds[1]])
     gd.fallback_counts(reset=True)
@@ -232,7 +234,7 @@ def test_a_file_no_decoder_can_read_names_the_file(tmp_path):
     sos = good.index(b"\xff\xda")
     broken = good[:sos] + b"\xff\xd9"  # headers and an end marker, no image data
     root = _tree(tmp_path, {"a/ok.jpg": good, "a/broken.jpg": broken})
-    loader, tf = tr.build_val_transform(32, 40, "gpu")
+    loader, tf = pl.build_val_transform(32, 40, "gpu")
     ds = RobustImageFolder(root, transform=tf, loader=loader)
     batch, _, _ = collate([ds[0], ds[1]])
     assert len(batch.gpu_pos) == 2  # the header looks fine: found out only when decoding
@@ -243,7 +245,7 @@ def test_a_file_no_decoder_can_read_names_the_file(tmp_path):
 def test_unreadable_files_are_caught_in_the_worker_like_the_other_pipelines(tmp_path):
     root = _tree(tmp_path, {"a/ok.jpg": _jpeg(_photo(40, 40)), "a/junk.jpg": b"not an image",
                             "a/float.tif": next(c for c in mode_cases() if c.mode == "F").data})
-    loader, tf = tr.build_val_transform(32, 40, "gpu")
+    loader, tf = pl.build_val_transform(32, 40, "gpu")
     ds = RobustImageFolder(root, transform=tf, loader=loader)
     paths = [os.path.basename(p) for p, _ in ds.samples]
     with pytest.raises(CorruptImageError, match="junk.jpg"):
@@ -276,9 +278,9 @@ def test_every_image_mode_through_the_gpu_pipeline(tmp_path, case):
 def test_dataloader_workers_hand_over_encoded_batches(tmp_path):
     files = {f"c{k % 3}/{k}.jpg": _jpeg(_photo(50, 70, seed=k)) for k in range(7)}
     root = _tree(tmp_path, files)
-    loader, tf = tr.build_train_transform(32, "fcanet", "gpu")
+    loader, tf = pl.build_train_transform(32, "fcanet", "gpu")
     ds = RobustImageFolder(root, transform=tf, loader=loader)
-    from engine.data import TrainBatchSampler
+    from engine.data.datasets import TrainBatchSampler
     sampler = TrainBatchSampler(len(ds), 3, seed=5)
     in_process = [collate([ds[it] for it in b]) for b in sampler]
     dl = build_dataloader(ds, batch_sampler=sampler, workers=1, device="cpu", collate_fn=collate)
@@ -292,7 +294,7 @@ def test_dataloader_workers_hand_over_encoded_batches(tmp_path):
 
 def test_to_model_input_hook_dispatches_and_needs_cuda_for_nvjpeg(tmp_path):
     root = _tree(tmp_path, {"a/0.jpg": _jpeg(_photo(40, 40))})
-    loader, tf = tr.build_val_transform(32, 40, "gpu")
+    loader, tf = pl.build_val_transform(32, 40, "gpu")
     batch, _, _ = collate([RobustImageFolder(root, transform=tf, loader=loader)[0]])
     with pytest.raises(RuntimeError, match="CUDA"):
         tr.to_model_input(batch, "cpu")  # the trainer's hook, on a CPU device, without a decoder
@@ -324,7 +326,7 @@ def test_nvjpeg_matches_the_cpu_decode_on_cuda(tmp_path):  # pragma: no cover - 
     files = {f"a/{k}.jpg": _jpeg(_photo(90 + 10 * k, 120, seed=k), quality=95) for k in range(4)}
     files["a/p.png"] = _png(_photo(64, 64))
     root = _tree(tmp_path, files)
-    loader, tf = tr.build_train_transform(64, "fcanet", "gpu")
+    loader, tf = pl.build_train_transform(64, "fcanet", "gpu")
     ds = RobustImageFolder(root, transform=tf, loader=loader)
     batch, _, _ = collate([ds[(i, 7 + i)] for i in range(len(ds))])
     batch.pin_memory()
@@ -341,12 +343,12 @@ def test_prefetched_nvjpeg_batches_match_the_cpu_decode_with_a_busy_default_stre
     """DevicePrefetcher decodes the next batch on its side stream while the default stream is kept busy, so the
     previous batch's crop/resize kernels are still queued when the next decode reuses the blocks they read
     (torchvision's decode_jpeg writes on its own stream). Every batch must still equal the CPU decode."""
-    from engine.loader import DevicePrefetcher
+    from engine.data.loader import DevicePrefetcher
     gd.check_available()
     dev = torch.device("cuda", torch.cuda.current_device())
     files = {f"c{k % 3}/{k}.jpg": _jpeg(_photo(240 + 16 * k, 320 - 4 * k, seed=k), quality=95) for k in range(24)}
     root = _tree(tmp_path, files)
-    loader, tf = tr.build_val_transform(64, 72, "gpu")  # deterministic: a second pass gives the same batches
+    loader, tf = pl.build_val_transform(64, 72, "gpu")  # deterministic: a second pass gives the same batches
     ds = RobustImageFolder(root, transform=tf, loader=loader)
     batches = [[(4 * b + i) % len(ds) for i in range(4)] for b in range(20)]
     refs = [collate([ds[i] for i in b])[0].to_model_input("cpu", decode=cpu_decode) for b in batches]

@@ -249,7 +249,7 @@ def test_disk_full_while_checkpointing_is_one_line_and_loses_nothing(data, finis
 def test_injected_enospc_names_path_and_errno(data, tmp_path, monkeypatch, capsys):
     """The same failure without a real full disk: torch.save reports ENOSPC the way it does (a RuntimeError
     from the zip writer, raised while handling the OSError)."""
-    from train_imagenet import main
+    from engine.entrypoints import train_main as main
 
     run_copy = tmp_path / "run"
     assert main(train_args(data, run_copy, **ONE_EPOCH)) == 0

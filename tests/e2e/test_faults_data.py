@@ -20,7 +20,7 @@ import torch
 
 from conftest import BASE_CONFIG, ROOT, subprocess_env, tiny_overrides, write_tiny_imagefolder
 from engine.config import load_config
-from engine.data import build_datasets
+from engine.data.pipeline import build_datasets
 from image_modes import mode_cases
 
 CASES = mode_cases()

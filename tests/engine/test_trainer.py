@@ -136,7 +136,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(data, tmp_path, mo
 def test_corrupt_image_is_a_clear_error_or_skipped(tmp_path, capsys):
     data = write_tiny_imagefolder(tmp_path / "data")
     (data / "train" / "class0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    from train_imagenet import main
+    from engine.entrypoints import train_main as main
     args = ["--config", str(BASE_CONFIG)] + tiny_overrides(data, tmp_path / "run", **{"train.epochs": 1})
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -145,7 +145,7 @@ def test_corrupt_image_is_a_clear_error_or_skipped(tmp_path, capsys):
     skipped = [json.loads(r)["train_skipped"] for r in (tmp_path / "run2/metrics.jsonl").read_text().splitlines()]
     # Counted only if the file falls in a used batch (25 images, 6 batches of 4: one image is left out per
     # epoch): the count must equal how often epoch 0's batches really contain it.
-    from engine.data import TrainBatchSampler
+    from engine.data.datasets import TrainBatchSampler
     from torchvision.datasets import ImageFolder
     sampler = TrainBatchSampler(25, 4, seed=0)
     sampler.set_epoch(0)

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
+from engine.data.errors import UnsupportedImageError
+
 try:  # libjpeg-turbo / libpng decoders (deprecated in torchvision 0.29 in favour of TorchCodec; PIL is the fallback)
     from torchvision.io import ImageReadMode, decode_image
 except ImportError:  # pragma: no cover - a torchvision without image decoders
@@ -55,8 +57,6 @@ DRAFT_SCALES = (8, 4, 2)  # the DCT-domain downscales libjpeg offers through PIL
 
 
 # ------------------------------------------------------------------------------------------- image modes
-class UnsupportedImageError(ValueError):
-    """An image whose mode has no defined 8-bit RGB rendering (e.g. 32-bit float); the message names the mode."""
 
 
 # 16-bit grey modes (PNG, TIFF, PGM): 0..65535, scaled to 0..255.
@@ -326,50 +326,6 @@ class FastValTransform:
 
     def __repr__(self) -> str:
         return f"FastValTransform(image_size={self.image_size}, resize={self.resize})"
-
-
-# ------------------------------------------------------------------------------------------------- builders
-def _check(image_size: int, pipeline: str, crop: Optional[str] = None, resize: Optional[int] = None) -> None:
-    if pipeline not in PIPELINES:
-        raise ValueError(f"unknown data pipeline {pipeline!r}; expected one of {', '.join(PIPELINES)}")
-    if crop is not None and crop not in CROP_RECIPES:
-        raise ValueError(f"unknown crop recipe {crop!r}; expected one of {', '.join(CROP_RECIPES)}")
-    if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    if resize is not None and (not isinstance(resize, int) or resize < image_size):
-        raise ValueError(f"resize must be an int >= image_size={image_size}, got {resize!r}")
-
-
-def build_train_transform(image_size: int, crop: str = "fcanet", pipeline: str = "fast"
-                          ) -> tuple[Callable[[str], Any], Callable[[Any], torch.Tensor]]:
-    """Return ``(loader, transform)`` for training: random-resized crop to ``image_size`` + horizontal flip.
-
-    The ``fast`` transform returns uint8 (3, S, S); the ``torchvision`` one a normalized float tensor; the
-    ``gpu`` one a not-yet-decoded sample (:mod:`engine.gpu_decode`) that :func:`to_model_input` finishes.
-    """
-    _check(image_size, pipeline, crop)
-    recipe = CROP_RECIPES[crop]
-    if pipeline == "fast":
-        return encoded_loader, FastTrainTransform(image_size, **recipe)
-    if pipeline == "gpu":
-        from engine import gpu_decode  # imports this module
-        return gpu_decode.gpu_loader, gpu_decode.GpuTransform(FastTrainTransform(image_size, **recipe))
-    return pil_loader, T.Compose([
-        T.RandomResizedCrop(image_size, **recipe), T.RandomHorizontalFlip(), T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def build_val_transform(image_size: int, resize: int, pipeline: str = "fast"
-                        ) -> tuple[Callable[[str], Any], Callable[[Any], torch.Tensor]]:
-    """Return ``(loader, transform)`` for evaluation: resize the shorter side to ``resize``, center-crop."""
-    _check(image_size, pipeline, resize=resize)
-    if pipeline == "fast":
-        return encoded_loader, FastValTransform(image_size, resize)
-    if pipeline == "gpu":
-        from engine import gpu_decode  # imports this module
-        return gpu_decode.gpu_loader, gpu_decode.GpuTransform(FastValTransform(image_size, resize))
-    return pil_loader, T.Compose([
-        T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 # ------------------------------------------------------------------------------------------ device side

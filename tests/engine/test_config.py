@@ -88,7 +88,7 @@ def test_override_creates_nested_and_copies():
 
 
 def test_train_cli_reports_config_errors(capsys, tmp_path):
-    from train_imagenet import main
+    from engine.entrypoints import train_main as main
     assert main(["--config", str(BASE_CONFIG), "train.epoch=3", f"output_dir={tmp_path}/run"]) == 2
     err_text = capsys.readouterr().err.strip()
     assert err_text == "error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)"

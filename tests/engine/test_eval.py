@@ -78,7 +78,7 @@ def test_torchrun_two_process_gloo_training(trained, tmp_path):
 
 
 def test_eval_accepts_foreign_layouts_and_rejects_wrong_model(trained, tmp_path, capsys):
-    from eval_imagenet import main
+    from engine.entrypoints import eval_main as main
     data, out = trained
     ours = torch.load(out / "checkpoints/last.pth", weights_only=True)["model"]
     foreign = tmp_path / "authors.pth"  # the authors' / DDP layout: module. prefixes in a state_dict wrapper
