@@ -6,7 +6,7 @@
 
 A run directory (``output_dir``) with a checkpoint is resumed automatically (a complete run is left as it
 is); one trainer at a time owns a run directory. Exit status: 0 done / stopped by SIGTERM after checkpointing /
-already complete, 2 an error (one ``error:`` line). See README, "Resume, preemption, faults".
+already complete, 2 an error (one ``error:`` line). See docs/faults.md.
 """
 import sys
 

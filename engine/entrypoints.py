@@ -17,7 +17,7 @@ TRAIN_USAGE = """Train an ImageNet-style classifier from a YAML config (1 proces
 
 A run directory (``output_dir``) with a checkpoint is resumed automatically (a complete run is left as it
 is); one trainer at a time owns a run directory. Exit status: 0 done / stopped by SIGTERM after checkpointing /
-already complete, 2 an error (one ``error:`` line). See README, "Resume, preemption, faults".
+already complete, 2 an error (one ``error:`` line). See docs/faults.md.
 """
 EVAL_USAGE = """Exact top-1/top-5 of a checkpoint on the config's validation set (1 process, or DDP under torchrun).
 
