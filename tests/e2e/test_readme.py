@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import csv
 import importlib.util
+import json
 import re
 import shlex
 import textwrap
@@ -263,21 +264,28 @@ def figures(text: str) -> list[str]:
     return [m.replace(",", "") for m in FIGURE.findall(text)]
 
 
-def file_numbers(targets: list[Path]) -> set[str]:
-    numbers: set[str] = set()
+def file_numbers(targets: list[Path]) -> tuple[set[str], set[str]]:
+    """The numbers written in the target files (directories: every text file under them), and those of
+    machine-written JSON files, whose full-precision values a page may round."""
+    written: set[str] = set()
+    precise: set[str] = set()
     for target in targets:
         files = sorted(f for f in target.rglob("*") if f.suffix in TEXT_SUFFIXES) if target.is_dir() else [target]
         for f in files:
-            numbers |= set(NUMBER.findall(re.sub(r"(?<=\d),(?=\d{3}\b)", "", f.read_text())))
-    return numbers
+            numbers = set(NUMBER.findall(re.sub(r"(?<=\d),(?=\d{3}\b)", "", f.read_text())))
+            written |= numbers
+            if f.suffix in (".json", ".jsonl"):
+                precise |= numbers
+    return written, precise
 
 
-def found(figure: str, numbers: set[str]) -> bool:
-    """``figure`` is one of ``numbers``, or one of them rounded to as many decimals as the figure shows."""
-    if figure in numbers or "." not in figure:
-        return figure in numbers
-    decimals = len(figure.split(".")[1])
-    return any(len(n.partition(".")[2]) >= decimals and f"{float(n):.{decimals}f}" == figure for n in numbers)
+def found(figure: str, numbers: tuple[set[str], set[str]]) -> bool:
+    """``figure`` is written in a file as it is, or a JSON value rounds to it (to as many decimals as it shows)."""
+    written, precise = numbers
+    if figure in written:
+        return True
+    decimals = len(figure.partition(".")[2])
+    return any(len(n.partition(".")[2]) > decimals and f"{float(n):.{decimals}f}" == figure for n in precise)
 
 
 def units(page: Path) -> list[str]:
@@ -371,6 +379,12 @@ def test_readme_claims_in_words_hold():
     mini = next(r for w, r in rows.items() if "mini" in w)
     assert "no difference significant" in mini["result"]
     assert not re.search(r"\(p [\d.e-]+ \*\)", (ROOT / "results/mini/single_freq/table.md").read_text())
+    # the demo's report states what its summary.json and /usr/bin/time measured
+    demo = ROOT / "results/demo/fcanet_digits"
+    report, summary = (demo / "README.md").read_text(), json.loads((demo / "summary.json").read_text())
+    assert f"final val top-1 {summary['final_top1']:.2f}%" in report
+    user, system = (float(re.search(rf"{k} time \(seconds\): ([\d.]+)", report).group(1)) for k in ("User", "System"))
+    assert f"CPU time {user + system:.1f} s (user {user:.2f} s + system {system:.2f} s)" in report
     # "ImageNet accuracy, anything on a GPU: not measured yet" (and "No GPU path has run on a GPU yet")
     assert "not measured" in rows["ImageNet accuracy, anything on a GPU"]["result"]
     assert "No GPU path has run on a GPU yet" in README.read_text()
