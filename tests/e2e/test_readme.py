@@ -161,6 +161,10 @@ def check_command(argv: list[str], page_text: str, monkeypatch, capsys) -> None:
     assert prog in ("python", "python3"), f"unrecognised command in the docs: {what}"
     if args[0] == "-m":
         module, rest = args[1], args[2:]
+        if module == "pytest" and "-m" in rest:  # a marker expression names registered markers only
+            ini = (ROOT / "pytest.ini").read_text()
+            for marker in set(re.findall(r"\w+", rest[rest.index("-m") + 1])) - {"and", "or", "not"}:
+                assert re.search(rf"^\s+{marker}:", ini, re.M), f"{what}: marker {marker!r} is not in pytest.ini"
         if module in ("venv", "pip", "pytest"):
             return
         if module == "ablation":
@@ -392,6 +396,15 @@ def test_readme_claims_in_words_hold():
     for runs in (ROOT / "results/imagenet").glob("*/runs.csv"):
         with runs.open() as f:
             assert {row["status"] for row in csv.DictReader(f)} == {"missing"}, f"{runs}: update the README"
+
+
+def test_readme_model_names_are_registered():
+    import models
+
+    text = README.read_text().split("## Models", 1)[1].split("\n## ", 1)[0]
+    names = set(re.findall(r"`([a-z_]+\d+)`", text))
+    assert len(names) > 10
+    assert names <= set(models.list_models(include_aliases=True)), names - set(models.list_models(True))
 
 
 # ----------------------------------------------------------------------------------------------------------
