@@ -138,7 +138,12 @@ def check_command(argv: list[str], page_text: str, monkeypatch, capsys) -> None:
     while argv and (argv[0] == "sudo" or re.fullmatch(r"\w+=\S*", argv[0])):
         argv = argv[1:]
     prog, args = argv[0], argv[1:]
-    if prog in (".", "export", "pip", "tensorboard"):
+    if prog == "pip":  # pinned torch/torchvision builds are the ones CI tests
+        ci = (ROOT / ".ci/run").read_text()
+        for pin in (a for a in args if re.fullmatch(r"torch(vision)?==[\w.+]+", a)):
+            assert re.search(rf"(?<![\w.]){re.escape(pin)}(?![\w.])", ci), f"{what}: {pin} is not the version CI pins"
+        return
+    if prog in (".", "export", "tensorboard"):
         return  # environment set-up, not the project's
     if prog == "torchrun":
         from torch.distributed.run import get_args_parser
