@@ -1,27 +1,18 @@
-"""One lock for owning a directory: the trainer's run directory (``train.lock``) and each point of the
-ablation tool (``ablation.lock``) use the same :class:`RunLock`.
+"""One lock for owning a directory: the trainer's run directory (``train.lock``) and each ablation point
+(``ablation.lock``) use :class:`RunLock`.
 
-A lock is a file created with ``O_CREAT | O_EXCL``, holding one JSON record (pid, host, start time, Slurm job
-and restart count, boot id, token). Its holder also keeps an exclusive ``flock`` on that file for as long as
-it, or a child that inherited the descriptor, lives. An existing lock is stale, and is broken, when it is:
+A lock is a file created with ``O_CREAT | O_EXCL`` holding a JSON record (pid, host, start, Slurm job and
+restart count, boot id); its holder keeps an exclusive ``flock`` on it while it, or a child that inherited the
+descriptor, lives. An existing lock is stale, and broken, when it was left by an earlier incarnation of this
+Slurm job (same ``SLURM_JOB_ID``, lower ``SLURM_RESTART_COUNT``: requeued, so Slurm killed it on every node);
+or is on this host and its ``flock`` is free (the kernel drops it when the holder dies, ``kill -9`` included;
+records without one fall back to the pids; an earlier boot is stale); or is unreadable (empty, garbage) and
+older than ``LOCK_GRACE_S`` with no ``flock`` held. A lock held on another host is never broken automatically.
 
-* left by an earlier incarnation of this Slurm job (same ``SLURM_JOB_ID``, lower ``SLURM_RESTART_COUNT``: the
-  job was requeued, so Slurm killed all of its processes, on whatever node);
-* on this host, and its ``flock`` is free: the kernel dropped it when the holder died (``kill -9`` included),
-  whatever its pid names now. Records without a ``flock`` (a file system without one) fall back to the
-  pids; a record from an earlier boot of this host is stale;
-* unreadable (empty or garbage): once older than ``LOCK_GRACE_S`` with no ``flock`` held on it.
-
-A lock held on another host is never broken automatically: its liveness cannot be checked from here.
-
-Across nodes, exclusion rests on ``O_EXCL`` alone (atomic on NFSv3+, Lustre, GPFS, BeeGFS, CephFS), not on
-``flock`` reaching the file server, which mount options can make node-local (``local_lock``, Lustre
-``localflock``, BeeGFS' default). ``flock`` answers only same-host questions, where one kernel answers
-exactly. Breaking is serialized by a ``flock`` on ``<name>.break`` and removes only the very file judged
-stale (same inode, bytes and mtime, judged stale again under that mutex).
-
-I/O failures (a full disk, a read-only file system) raise :class:`LockError`, one line naming the path; a
-failed write removes the half-made lock file.
+Across nodes, exclusion rests on ``O_EXCL`` alone (atomic on NFSv3+, Lustre, GPFS, BeeGFS, CephFS), never on
+``flock`` reaching the file server, which mount options can make node-local; ``flock`` answers only same-host
+questions, where one kernel answers exactly. Breakers are serialized by a ``flock`` on ``<name>.break``.
+I/O failures raise :class:`LockError`, one line naming the path; a failed write leaves no lock file.
 """
 from __future__ import annotations
 
@@ -335,6 +326,8 @@ class RunLock:
             text += f"; {self._why_kept}"
         elif self.holder and self.holder.get("host") != socket.gethostname():
             text += f"; another host, not checked from here: delete {self.path} if that process has ended"
+        elif snap is not None and snap.held and not any(_pid_alive(self.holder.get(k)) for k in ("pid", "child_pid")):
+            text += "; that process has ended, but a child that inherited the lock still runs"
         return text
 
     def fileno(self) -> int | None:

@@ -172,6 +172,7 @@ def test_a_child_that_inherited_the_lock_keeps_it_after_its_parent_dies(tmp_path
     p.wait()
     lock = RunLock(tmp_path, NAME)
     assert not lock.try_acquire() and lock.holder["pid"] == p.pid  # the runner is gone, its trainer is not
+    assert lock.describe_holder().endswith("; that process has ended, but a child that inherited the lock still runs")
     os.kill(child, signal.SIGKILL)
     deadline = time.time() + 10
     while not lock.try_acquire():
