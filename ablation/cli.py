@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from engine.runlock import LockError
+
 from .studies import FINETUNE_SCHEDULES, FREQ_SOURCES, REPO, STUDIES, AblationError, Plan, available_presets, \
     build_plan, default_runs_root, is_complete, stale_reason
 
@@ -241,7 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                        or (i and argv[i - 1] == "--jobs"))]
     try:
         return {"plan": cmd_plan, "run": cmd_run, "collect": cmd_collect}[args.command](args)
-    except AblationError as exc:
+    except (AblationError, LockError) as exc:  # LockError: a lock file could not be written (full disk, ...)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,9 +2,9 @@
 
 Every run is ``<trainer> --config CONFIG KEY=VALUE ...`` with ``output_dir`` set to the run's directory; the
 trainer resumes by itself from ``<run_dir>/checkpoints/last.pth``. A run is complete once its ``summary.json``
-reports the planned epochs; complete runs are skipped, so ``run`` is idempotent. Each run is guarded by an
-atomic lock file (:mod:`ablation.locking`), so concurrent ``run`` processes (or Slurm jobs) never train the
-same point twice.
+reports the planned epochs; complete runs are skipped, so ``run`` is idempotent. Each run is guarded by a
+lock file, ``<run_dir>/ablation.lock`` (:mod:`engine.runlock`, the trainer's lock), so concurrent ``run``
+processes (or Slurm jobs) never train the same point twice.
 """
 from __future__ import annotations
 
@@ -18,10 +18,12 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .locking import LOCK_NAME, RunLock, describe, is_stale, read_lock
+from engine.runlock import RunLock, held_by
+
 from .studies import REPO, AblationError, Plan, Run, is_complete, stale_reason
 
 TRAINER_ENV = "FCANET_ABLATION_TRAINER"
+LOCK_NAME = "ablation.lock"  # a point's lock, held by its runner and (inherited) its trainer
 
 
 def trainer_command(trainer_cmd: Optional[str] = None, gpus: int = 1) -> list[str]:
@@ -134,9 +136,9 @@ def run_one(run: Run, prefix: Sequence[str], quiet: bool = False, launcher: str 
     _check_meta(run)
     if is_complete(run.run_dir, run.epochs):
         return "complete"
-    lock = RunLock(run.run_dir)
+    lock = RunLock(run.run_dir, LOCK_NAME)
     if not lock.try_acquire():
-        print(f"[ablation] skip {run.name}: locked by {describe(lock.holder)} ({lock.path})", flush=True)
+        print(f"[ablation] skip {run.name}: locked by {lock.describe_holder()} ({lock.path})", flush=True)
         return "locked"
     proc = None
     old_term = signal.getsignal(signal.SIGTERM)
@@ -171,8 +173,10 @@ def run_one(run: Run, prefix: Sequence[str], quiet: bool = False, launcher: str 
                     tail = log_path.read_text().splitlines()[-3:]
                     sys.stdout.write("".join(f"    {line}\n" for line in tail))
             else:
+                # The trainer inherits the lock's descriptor (and its flock): the point stays locked while it
+                # runs, even if this runner dies first. The fork launcher's child inherits it anyway.
                 proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        bufsize=1, env={**os.environ, **env})
+                                        bufsize=1, env={**os.environ, **env}, pass_fds=(lock.fileno(),))
                 lock.set_child(proc.pid)
                 for line in proc.stdout:
                     log.write(line)
@@ -264,11 +268,11 @@ def prepare_data(plan: Plan, timeout_s: float = 600.0) -> None:
         raise AblationError(f"preset {plan.preset['name']!r}: unknown 'prepare: {kind}' (expected digits)")
     from .studies import expand
     root = Path(expand(plan.preset["data_root"], plan.runs_root))
-    lock = RunLock(root.parent / f".{root.name}-prepare")
+    lock = RunLock(root.parent / f".{root.name}-prepare", LOCK_NAME)
     deadline = time.time() + timeout_s
     while not lock.try_acquire():
         if time.time() > deadline:
-            raise AblationError(f"data preparation of {root} is locked by {describe(lock.holder)} ({lock.path})")
+            raise AblationError(f"data preparation of {root} is locked by {lock.describe_holder()} ({lock.path})")
         time.sleep(0.5)
     try:
         from engine.data.datasets import write_digits_imagefolder
@@ -309,8 +313,7 @@ def _wait_while_running(run: Run, poll_s: float = 1.0) -> bool:
     """True once ``run`` is complete. While another live runner holds its lock (e.g. the base run that a
     parallel runner of ``--jobs N`` trains), wait for it; False if it is neither complete nor running."""
     while not is_complete(run.run_dir, run.epochs):
-        info = read_lock(run.run_dir / LOCK_NAME)
-        if info is None or is_stale(info):
+        if held_by(run.run_dir / LOCK_NAME) is None:
             return False
         time.sleep(poll_s)
     return True

@@ -1,7 +1,9 @@
-"""ablation.locking: Slurm requeue rule (same job id, restart count) and lock-breaking races. No real Slurm.
+"""The ablation tool's per-point lock (engine.runlock): Slurm requeue rule (same job id, restart count) and
+lock-breaking races. No real Slurm.
 
-Live holders are simulated with this process or a sleeping child, Slurm with SLURM_JOB_ID/SLURM_RESTART_COUNT,
-and racing processes by hooks that run another RunLock's try_acquire at the worst moment.
+Live holders are simulated with this process or a sleeping child (records without a flock are judged by their
+pids), Slurm with SLURM_JOB_ID/SLURM_RESTART_COUNT, and racing processes by hooks that run another RunLock's
+try_acquire at the worst moment.
 """
 import fcntl
 import json
@@ -13,8 +15,11 @@ import sys
 
 import pytest
 
-from ablation import locking
-from ablation.locking import BREAK_NAME, LOCK_NAME, RunLock, is_stale
+from ablation.runner import LOCK_NAME
+from engine import runlock
+from engine.runlock import is_stale
+
+BREAK_NAME = LOCK_NAME + ".break"
 
 HOST = socket.gethostname()
 
@@ -46,6 +51,10 @@ def dead_pid():
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     return p.pid
+
+
+def RunLock(run_dir):  # noqa: N802 - the ablation runner's lock on a point
+    return runlock.RunLock(run_dir, LOCK_NAME)
 
 
 def write_lock(run_dir, **info):
@@ -122,37 +131,37 @@ def test_racing_breakers_never_remove_a_live_lock(tmp_path, monkeypatch, slurm):
     run_dir = tmp_path / "r"
     stale = write_lock(run_dir, pid=dead_pid(), host=HOST)
     a, b, c = RunLock(run_dir), RunLock(run_dir), RunLock(run_dir)
-    real_is_stale, real_read_lock = locking.is_stale, locking.read_lock
+    real_stale_reason, real_inspect = runlock.stale_reason, runlock.inspect
     actor, in_b_break, c_tried = ["b"], [False], [False]
 
-    def hooked_is_stale(info, host=None):
-        result = real_is_stale(info, host)
+    def hooked_stale_reason(info, host=None, **seen):
+        result = real_stale_reason(info, host, **seen)
         if actor[0] == "b" and result and not a.acquired:  # B has judged it stale: A breaks it first
             actor[0] = "a"
             assert a.try_acquire()
             actor[0] = "b"
         return result
 
-    def hooked_read_lock(path):
+    def hooked_inspect(path):
         if actor[0] == "b" and in_b_break[0] and not c_tried[0]:  # B is breaking: C tries right now
             c_tried[0] = True
             actor[0] = "c"
             c.try_acquire()
             actor[0] = "b"
-        return real_read_lock(path)
+        return real_inspect(path)
 
     real_break = b._break
 
-    def hooked_break(info):
-        assert info == stale
+    def hooked_break(snap, reason):
+        assert snap.info == stale
         in_b_break[0] = True
         try:
-            return real_break(info)
+            return real_break(snap, reason)
         finally:
             in_b_break[0] = False
 
-    monkeypatch.setattr(locking, "is_stale", hooked_is_stale)
-    monkeypatch.setattr(locking, "read_lock", hooked_read_lock)
+    monkeypatch.setattr(runlock, "stale_reason", hooked_stale_reason)
+    monkeypatch.setattr(runlock, "inspect", hooked_inspect)
     monkeypatch.setattr(b, "_break", hooked_break)
     assert not b.try_acquire()
     assert a.acquired and c_tried[0] and not c.acquired and not b.acquired
@@ -165,18 +174,19 @@ def test_racing_breakers_never_remove_a_live_lock(tmp_path, monkeypatch, slurm):
 def test_break_removes_only_the_content_judged_stale(tmp_path, slurm):
     slurm(1, 0)
     run_dir = tmp_path / "r"
-    stale = write_lock(run_dir, pid=dead_pid(), host=HOST)
+    write_lock(run_dir, pid=dead_pid(), host=HOST)
+    stale = runlock.inspect(run_dir / LOCK_NAME)
     (run_dir / LOCK_NAME).unlink()
     a = RunLock(run_dir)
     assert a.try_acquire()
-    RunLock(run_dir)._break(stale)  # A's live lock is not the content judged stale: it stays
+    assert RunLock(run_dir)._break(stale, "dead")  # A's live lock is not the file judged stale: it stays
     assert lock_token(run_dir) == a.token
     a.release()
 
 
 def test_break_waits_for_the_break_mutex(tmp_path, monkeypatch, slurm):
     slurm(1, 0)
-    monkeypatch.setattr(locking, "BREAK_WAIT_S", 0.2)
+    monkeypatch.setattr(runlock, "BREAK_WAIT_S", 0.2)
     run_dir = tmp_path / "r"
     stale = write_lock(run_dir, pid=dead_pid(), host=HOST)
     fd = os.open(run_dir / BREAK_NAME, os.O_CREAT | os.O_RDWR)

@@ -170,7 +170,12 @@ def test_two_concurrent_runners_never_train_a_point_twice(tmp_path):
 
 
 def test_stale_and_live_locks(tmp_path):
-    from ablation.locking import RunLock, is_stale
+    from ablation.runner import LOCK_NAME
+    from engine import runlock
+    from engine.runlock import is_stale
+
+    def RunLock(run_dir):  # noqa: N802
+        return runlock.RunLock(run_dir, LOCK_NAME)
     run_dir = tmp_path / "r"
     a = RunLock(run_dir)
     assert a.try_acquire()

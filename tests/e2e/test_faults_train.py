@@ -27,7 +27,7 @@ import torch
 
 from conftest import BASE_CONFIG, ROOT, subprocess_env, tiny_overrides, write_tiny_imagefolder
 
-LOCK_FILES = ("train.lock", "train.lock.json")  # created and removed by every launch
+LOCK_FILES = ("train.lock", "train.lock.break")  # the lock (removed on exit); the mutex for breaking a stale one
 
 
 def cli(script: str, args: list[str], timeout: float = 180, **popen) -> subprocess.CompletedProcess:
@@ -127,7 +127,7 @@ def test_second_trainer_on_a_run_directory_is_refused_naming_the_holder(data, tm
         if first.poll() is None:
             first.kill()
     assert first.returncode == 0, err
-    assert not (out / "train.lock.json").exists()  # released on exit
+    assert not (out / "train.lock").exists()  # released on exit
     metrics = out / "metrics.jsonl"
     rows = [json.loads(r) for r in metrics.read_text().splitlines()] if metrics.exists() else []
     assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))  # each epoch once
@@ -138,20 +138,21 @@ def test_run_dir_lock_in_process(tmp_path):
 
     notes = []
     with RunDirLock(tmp_path, log=notes.append):
-        info = json.loads((tmp_path / "train.lock.json").read_text())
+        info = json.loads((tmp_path / "train.lock").read_text())
         assert info["pid"] == os.getpid() and info["host"] and info["started"] <= time.time()
         with pytest.raises(RunDirInUseError, match=rf"in use by pid {os.getpid()} on host"):
             RunDirLock(tmp_path).acquire()
-    # a holder file left by a dead process (kill -9) does not block: the flock died with it
-    (tmp_path / "train.lock.json").write_text(json.dumps({"host": os.uname().nodename, "pid": 2 ** 22 + 7,
-                                                          "started": 0}))
+    assert not (tmp_path / "train.lock").exists()
+    # a lock left by a dead process (kill -9) does not block
+    (tmp_path / "train.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": 2 ** 22 + 7,
+                                                     "started": 0}))
     with RunDirLock(tmp_path, log=notes.append):
-        assert json.loads((tmp_path / "train.lock.json").read_text())["pid"] == os.getpid()
+        assert json.loads((tmp_path / "train.lock").read_text())["pid"] == os.getpid()
     assert any("taking over the run directory from pid 4194311" in n for n in notes)
     # the stale file's pid may name a live process by now (pids are reused): the free flock still proves the
     # holder gone, and the take-over is noted
-    (tmp_path / "train.lock.json").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getppid(),
-                                                          "started": 0}))
+    (tmp_path / "train.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getppid(),
+                                                     "started": 0, "flock": True}))
     with RunDirLock(tmp_path, log=notes.append):
         pass
     assert any(f"taking over the run directory from pid {os.getppid()}" in n for n in notes)
@@ -465,7 +466,7 @@ def test_sigterm_to_torchrun_checkpoints_every_worker(data, tmp_path):
     assert "SignalException" in err and not error_lines(err)
     ck = weights(out)
     assert ck["global_step"] >= 8 and len(ck["rng"]) == 2 and not (out / "summary.json").exists()
-    assert not (out / "train.lock.json").exists()
+    assert not (out / "train.lock").exists()
 
 
 def test_failure_announcement_reaches_the_other_ranks(monkeypatch):
