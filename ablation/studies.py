@@ -285,7 +285,7 @@ def check_base_checkpoint(path: str, run: Run) -> str:
         raise AblationError(f"--base-checkpoint {path}: file not found")
     import models
     from engine.config import ConfigError, load_config
-    from engine.trainer import build_model
+    from engine.builders import build_model
 
     try:
         state = models.read_state_dict(str(file))

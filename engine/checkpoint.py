@@ -10,25 +10,80 @@ Everything is stored as tensors / plain Python values so it loads with ``weights
 """
 from __future__ import annotations
 
+import json
 import os
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-# The engine's atomic writers live in engine.fileio; these names stay importable from here.
-from engine.fileio import WriteError, atomic_open, atomic_save, atomic_write_text  # noqa: F401
+from engine.config import Config, ConfigError
+from engine.errors import CheckpointError
+from engine.fileio import atomic_open
 
-FORMAT = "fcanet-train-checkpoint-v1"
-# (checkpoints before the per-step lr function also hold a LambdaLR "scheduler" state, which is ignored)
+FORMAT = "fcanet-train-checkpoint-v1"    # last.pth / last.prev.pth: everything a resume needs
+MODEL_FORMAT = "fcanet-model-v1"         # best.pth: the weights and what they are
 REQUIRED = ("format", "model", "optimizer", "scaler", "epoch", "step_in_epoch", "global_step",
-            "steps_per_epoch", "world_size", "state", "rng", "config")
+            "steps_per_epoch", "world_size", "state", "meter", "rng", "config")
+
+# Config keys that define what the checkpoint's weights mean: a resume that changes one is refused.
+STRUCTURAL_KEYS = ("model.name", "model.num_classes", "model.freq", "model.kwargs", "data.image_size", "data.crop")
 
 
-class CheckpointError(RuntimeError):
-    """A missing, truncated or otherwise unusable checkpoint (one-line message naming the file)."""
+@dataclass
+class TrainState:
+    """Everything about the run's progress that a checkpoint must restore (besides weights, optimizer, RNG)."""
+    epoch: int = 0            # current epoch (0-based); == epochs when training is done
+    step_in_epoch: int = 0    # optimizer steps done in the current epoch
+    global_step: int = 0
+    best_top1: float = -1.0
+    best_epoch: int = 0
+    last_val: dict = field(default_factory=dict)
+    elapsed_s: float = 0.0    # training wall time over all sessions (resumes add up)
+    train_images: int = 0     # images trained on (all ranks), for throughput
+    train_time_s: float = 0.0  # time spent in training steps (all sessions)
+    epoch_time_s: float = 0.0  # time spent in the current epoch so far
+    epoch_images: int = 0
+
+
+class StructureChangedError(ConfigError):
+    """Resuming would load weights into a model they were not trained as (same message on every rank)."""
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_structure(saved: dict, cfg: Config, path: str | Path) -> None:
+    """Refuse resuming ``path`` (whose resolved config is ``saved``) under a config that changes what its weights
+    mean (:data:`STRUCTURAL_KEYS`)."""
+    now = cfg.to_dict()
+
+    def get(d: dict, key: str) -> Any:
+        for part in key.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        return d
+
+    def same(key: str) -> bool:
+        a, b = get(saved, key), get(now, key)
+        if key == "model.freq" and a != b:  # null, 'top16' and its explicit (u, v) list are one selection
+            from models.dct import parse_frequencies
+            try:
+                return [tuple(f) for f in parse_frequencies(a)] == [tuple(f) for f in parse_frequencies(b)]
+            except (ValueError, TypeError):
+                return False
+        return a == b
+
+    changed = [k for k in STRUCTURAL_KEYS if not same(k)]
+    if changed:
+        what = ", ".join(f"{k}={_short(get(saved, k))} (now {_short(get(now, k))})" for k in changed)
+        raise StructureChangedError(
+            f"cannot resume {path}: its weights were trained with {what}; to train these settings start a new run "
+            "(another output_dir), or set them back to continue this one")
 
 
 def save_last(obj: Any, folder: str | Path, name: str = "last.pth") -> Path:

@@ -44,11 +44,10 @@ def _is_collective_failure(exc: BaseException) -> bool:
 def run_guarded(fn: Callable[[], int | None]) -> int:
     """Run ``fn``; turn the project's expected failures into ``error: ...`` on stderr and exit code 2."""
     from engine import distributed as dist_lib
-    from engine.checkpoint import CheckpointError
     from engine.config import ConfigError
     from engine.data.errors import CorruptImageError, DataError
+    from engine.errors import CheckpointError, NonFiniteLossError, SimulatedKill
     from engine.fileio import WriteError
-    from engine.trainer import NonFiniteLossError, SimulatedKill
 
     expected = (ConfigError, DataError, CorruptImageError, CheckpointError, NonFiniteLossError, WriteError)
     rank = int(os.environ.get("RANK", "0"))

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-TEMP_RE = re.compile(r"^\..+\.tmp\d*$")  # .<name>.tmp<pid> (ours, and the older .<name>.new<pid>.tmp<pid>)
+TEMP_RE = re.compile(r"^\..+\.tmp\d*$")  # .<name>.tmp<pid> (written by atomic_open)
 
 
 class WriteError(OSError):

@@ -351,7 +351,8 @@ EXPECTED = {"random": "is not a PyTorch checkpoint", "empty": "is empty, not a P
 
 
 def test_checkpoint_garbage_and_foreign_pickles_in_process(tmp_path):
-    from engine.checkpoint import CheckpointError, load_checkpoint
+    from engine.checkpoint import load_checkpoint
+    from engine.errors import CheckpointError
     from models import read_state_dict
 
     marker = tmp_path / "pwned"

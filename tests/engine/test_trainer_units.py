@@ -12,7 +12,8 @@ from conftest import BASE_CONFIG, tiny_overrides
 from engine import fileio
 from engine.builders import load_optimizer_state
 from engine.config import ConfigError, load_config
-from engine.trainer import fit, write_config
+from engine.rundir import write_config
+from engine.trainer import fit
 
 
 @pytest.mark.parametrize("override", [
