@@ -268,14 +268,65 @@ def _build(cls: type, raw: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _check_semantics(cfg: Config) -> None:
-    """Cross-field and domain checks that a type cannot express."""
-    if cfg.model.freq is not None:
-        from models.dct import GRID, parse_frequencies  # the model zoo owns the frequency grammar
+# ----------------------------------------------------------------------------------------------------
+# Model options: model.name, model.freq and model.kwargs are models.create_model's arguments.
+
+# The attention options (models.registry.ATTENTION_KWARGS) each attention kind (ModelSpec.attention) reads; a
+# model ignores the others. input_size (the image size FCA's DCT sizes derive from) is set for every model.
+ATTENTION_OPTIONS = {"none": (), "se": ("reduction",), "eca": ("eca_kernel",),
+                     "fca": ("reduction", "freq", "dct_weights", "dct_init", "grid")}
+_KIND_NAMES = {"se": "SE", "eca": "ECA", "fca": "frequency channel"}
+
+
+def ignored_model_options(name: str, options: dict) -> list[str]:
+    """The keys of ``options`` (``create_model`` keyword arguments) that model ``name`` would ignore (its
+    attention kind does not read them). ``name`` must be a registered model."""
+    from models import registry
+
+    used = ATTENTION_OPTIONS.get(registry.MODELS[registry.resolve_name(name)].attention)
+    if used is None:  # an attention kind this table does not describe: the model's constructor decides
+        return []
+    return [k for k in options if k in registry.ATTENTION_KWARGS and k != "input_size" and k not in used]
+
+
+def _check_model(cfg: Config) -> None:
+    """The model exists, takes every option given, and uses each of them (an ignored option is refused)."""
+    from models import registry  # torch-free: the registry's data, not the models
+    from models.dct import GRID, parse_frequencies  # the model zoo owns the frequency grammar
+
+    m = cfg.model
+    try:
+        registry.resolve_name(m.name)
+    except ValueError as e:
+        raise ConfigError(f"config key 'model.name': {e}") from None
+    valid = registry.ATTENTION_KWARGS + registry.RESNET_KWARGS
+    for k in m.kwargs:
+        if k not in valid:
+            close = difflib.get_close_matches(str(k), valid, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"config key 'model.kwargs.{k}': not an option of {m.name}{hint}; options: "
+                              f"{', '.join(valid)}")
+    if "freq" in m.kwargs:
+        raise ConfigError("config key 'model.kwargs.freq': set the frequency selection with model.freq")
+    options = dict(m.kwargs, **({"freq": m.freq} if m.freq is not None else {}))
+    ignored = ignored_model_options(m.name, options)
+    if ignored:
+        k = ignored[0]
+        kinds = [kind for kind, used in ATTENTION_OPTIONS.items() if k in used]
+        families = [f"{fam}*" for fam, kind in registry.FAMILIES.items() if kind in kinds]
+        raise ConfigError(f"config key '{'model.freq' if k == 'freq' else f'model.kwargs.{k}'}': {m.name} has no "
+                          f"{' or '.join(_KIND_NAMES[kind] for kind in kinds)} attention, so {k} would be ignored; "
+                          f"remove it or choose a model that has it ({', '.join(families)})")
+    if m.freq is not None:
         try:
-            parse_frequencies(cfg.model.freq, grid=int(cfg.model.kwargs.get("grid") or GRID))
+            parse_frequencies(m.freq, grid=int(m.kwargs.get("grid") or GRID))
         except (ValueError, TypeError) as e:
             raise ConfigError(f"config key 'model.freq': {e}") from None
+
+
+def _check_semantics(cfg: Config) -> None:
+    """Cross-field and domain checks that a type cannot express."""
+    _check_model(cfg)
     if cfg.train.schedule_epochs is not None and cfg.train.schedule_epochs < cfg.train.epochs:
         raise ConfigError(f"config key 'train.schedule_epochs': {cfg.train.schedule_epochs} is shorter than "
                           f"train.epochs={cfg.train.epochs} (the lr would sit at 0 for the last epochs)")

@@ -21,8 +21,8 @@ import torch
 
 from engine import checkpoint as ckpt_lib
 from engine import distributed as dist_lib
-from engine.builders import (DataBundle, Optimization, Wrapped, build_data, build_optimization, check_model_config,
-                             load_optimizer_state, prepare_model, wrap_model)
+from engine.builders import (DataBundle, Optimization, Wrapped, build_data, build_optimization, load_optimizer_state,
+                             new_model, prepare_model, wrap_model)
 from engine.checkpoint import TrainState, check_structure
 from engine.config import Config, ConfigError, diff_configs, dump_config
 from engine.data.errors import DataError
@@ -360,9 +360,8 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------------------------
 
 def check_config(cfg: Config, info: dist_lib.DistInfo) -> None:
-    """Everything that can refuse ``cfg`` on this machine before the run directory is touched: the model
-    options, the device, and for ``data.pipeline: gpu`` a working nvjpeg (one-line ConfigError each)."""
-    check_model_config(cfg)
+    """What can refuse ``cfg`` on this machine (the config layer checked everything else): the device, and
+    for ``data.pipeline: gpu`` a working nvjpeg (one-line ConfigError each)."""
     check_device(cfg, info)
     if cfg.data.pipeline == "gpu":
         from engine.data.gpu_decode import check_available
@@ -378,10 +377,12 @@ def check_device(cfg: Config, info: dist_lib.DistInfo) -> None:
                           "set train.sync_bn=false on CPU")
 
 
-def build_trainer(cfg: Config, info: dist_lib.DistInfo, run_dir: RunDir, resume: str | None = None) -> Trainer:
-    """Find the checkpoint to resume, build data / model / optimization / wrapping, and restore the
-    checkpoint into a :class:`Trainer` (``cfg`` already checked by :func:`check_config`, ``run_dir`` owned).
-    Nothing in the run directory is written here (an unusable ``last.pth`` is moved aside)."""
+def build_trainer(cfg: Config, info: dist_lib.DistInfo, run_dir: RunDir, model: torch.nn.Module,
+                  resume: str | None = None) -> Trainer:
+    """Find the checkpoint to resume, build data / optimization / wrapping around ``model`` (from
+    :func:`engine.builders.new_model`), and restore the checkpoint into a :class:`Trainer` (``cfg`` already
+    checked by :func:`check_config`, ``run_dir`` owned). Nothing in the run directory is written here (an
+    unusable ``last.pth`` is moved aside)."""
     log = log_line if info.is_main else (lambda msg: None)
     if info.device.type == "cpu" and cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
@@ -393,7 +394,7 @@ def build_trainer(cfg: Config, info: dist_lib.DistInfo, run_dir: RunDir, resume:
     data = build_data(cfg, info)
     log(f"data: {cfg.data.source} train {data.train_size} images, val {data.val_size} images; "
         f"{data.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs")
-    model = prepare_model(cfg, info, init_checkpoint=found is None, log=log)
+    model = prepare_model(cfg, info, model, init_checkpoint=found is None, log=log)
     optim = build_optimization(cfg, model, info, data.steps_per_epoch)
     log(f"lr = base_lr {cfg.optim.base_lr:g} x global batch {cfg.train.batch_size * info.world_size} / 256 = "
         f"{optim.schedule.peak_lr:g} (warmup {cfg.train.warmup_epochs:g} epochs, then cosine to 0)")
@@ -413,10 +414,12 @@ def fit(cfg: Config, resume: str | None = None) -> dict:
     # one failed) must not kill this process before it has printed its one line.
     with Preemption() as preempt:
         try:
-            check_config(cfg, info)  # a refused config leaves no run directory behind
+            # A refused config (or a model option its constructor refuses) leaves no run directory behind.
+            check_config(cfg, info)
+            model = new_model(cfg)
             run_dir = RunDir(cfg.output_dir, is_main=info.is_main, log=log_line)
             run_dir.own()
-            trainer = build_trainer(cfg, info, run_dir, resume)
+            trainer = build_trainer(cfg, info, run_dir, model, resume)
             return trainer.fit(preempt)
         finally:
             if trainer is not None:
