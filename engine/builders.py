@@ -31,6 +31,7 @@ class DataBundle:
     steps_per_epoch: int
     train_size: int
     val_size: int
+    classes: list[str]  # class names in label order (the train set's folders)
 
 
 def build_data(cfg: Config, info: dist_lib.DistInfo) -> DataBundle:
@@ -47,10 +48,20 @@ def build_data(cfg: Config, info: dist_lib.DistInfo) -> DataBundle:
     train_loader = make_loader(train_set, sampler, cfg.data.workers, info.device)
     val_loader = make_loader(val_set, ExactEvalBatchSampler(len(val_set), val_bs, info.world_size, info.rank),
                              cfg.data.workers, info.device)
-    return DataBundle(train_loader, val_loader, sampler, sampler.steps, len(train_set), len(val_set))
+    return DataBundle(train_loader, val_loader, sampler, sampler.steps, len(train_set), len(val_set),
+                      list(train_set.classes))
 
 
 # ---------------------------------------------------------------------------------------------------- model
+
+def check_device(cfg: Config, device: torch.device, distributed: bool = False) -> None:
+    """Refuse what ``cfg`` asks of a device this machine lacks (one-line ConfigError)."""
+    if cfg.train.amp == "fp16" and device.type != "cuda":
+        raise ConfigError("config key 'train.amp': fp16 (with GradScaler) needs a CUDA device; use bf16 or off on CPU")
+    if cfg.train.sync_bn and distributed and device.type != "cuda":
+        raise ConfigError("config key 'train.sync_bn': SyncBatchNorm needs CUDA devices; "
+                          "set train.sync_bn=false on CPU")
+
 
 def seed_everything(seed: int) -> None:
     """Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's at construction)."""

@@ -27,6 +27,9 @@ TEMP_RE = re.compile(r"^\..+\.tmp\d*$")  # .<name>.tmp<pid> (written by atomic_o
 class WriteError(OSError):
     """A file could not be written (one-line message naming the path and the errno)."""
 
+    def __str__(self) -> str:  # the message alone: it names the errno already ("[Errno 28] ..." only once)
+        return self.strerror or super().__str__()
+
 
 def _os_error_in(exc: BaseException) -> OSError | None:
     """The OSError behind ``exc``: itself, or one in its cause/context chain (``torch.save`` reports a failed

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -160,6 +161,16 @@ class RunDir:
     def save_best(self, obj: Any) -> None:
         if self.is_main:
             fileio.atomic_save(obj, self.best)
+
+    def adopt_best(self, source: Path, best_epoch: int) -> bool:
+        """Rank 0, resuming another run's checkpoint ``source`` into this directory: copy that run's
+        ``best.pth`` (beside ``source``) here when it holds epoch ``best_epoch``. Returns whether it did."""
+        theirs = Path(source).parent / "best.pth"
+        if not self.is_main or not theirs.is_file() or ckpt_lib.best_epoch_of(theirs) != best_epoch:
+            return False
+        with fileio.atomic_open(self.best, "wb") as f, open(theirs, "rb") as src:
+            shutil.copyfileobj(src, f)
+        return True
 
     # -- config.yaml ------------------------------------------------------------------------------------------
     def sync_config(self, text: str, now: dict, resumed: dict | None) -> None:

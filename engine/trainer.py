@@ -21,13 +21,13 @@ import torch
 
 from engine import checkpoint as ckpt_lib
 from engine import distributed as dist_lib
-from engine.builders import (DataBundle, Optimization, Wrapped, build_data, build_optimization, load_optimizer_state,
-                             new_model, prepare_model, wrap_model)
+from engine.builders import (DataBundle, Optimization, Wrapped, build_data, build_optimization, check_device,
+                             load_optimizer_state, model_arguments, new_model, prepare_model, wrap_model)
 from engine.checkpoint import TrainState, check_structure
-from engine.config import Config, ConfigError, diff_configs, dump_config
+from engine.config import Config, diff_configs, dump_config
 from engine.data.errors import DataError
 from engine.data.loader import DevicePrefetcher
-from engine.errors import NonFiniteLossError, SimulatedKill
+from engine.errors import NonFiniteLossError, NonFiniteOutputError, SimulatedKill
 from engine.evaluation import AMP_DTYPES, evaluate
 from engine.meter import Meter, MeterReading
 from engine.preemption import Preemption
@@ -64,6 +64,8 @@ class Trainer:
         self.stop_requested_any_rank = False  # the all-reduced stop request of the last sync point
         self.session_start = time.time()
         self.resumed_config: dict | None = None  # the resolved config the resumed checkpoint was trained with
+        self.stopped: dict | None = None  # how a stop request ended the session (preemption_exit)
+        self._resumed_from: Path | None = None  # another run's checkpoint (--resume) this run continues
         self._t0, self._images = time.time(), 0  # training time / images since the last accounting
         self.writer = None
 
@@ -78,12 +80,10 @@ class Trainer:
 
     # -- resume -----------------------------------------------------------------------------------------------
     def resume_from(self, ckpt: dict, path: Path) -> None:
-        """Load a training checkpoint (already checked by :func:`check_structure`)."""
-        if ckpt["steps_per_epoch"] != self.steps_per_epoch:
-            raise ckpt_lib.CheckpointError(
-                f"checkpoint {path} was written with {ckpt['steps_per_epoch']} steps/epoch (world size "
-                f"{ckpt['world_size']}); this launch has {self.steps_per_epoch}: resume with the same world size, "
-                "train.batch_size and data")
+        """Check a training checkpoint against this launch (its config against ours by
+        :func:`engine.checkpoint.check_structure` already), then load it."""
+        ckpt_lib.check_fits(ckpt, path, self.model, self.optim.optimizer, self.steps_per_epoch)
+        ckpt_lib.check_classes(ckpt["classes"], self.data.classes, path)
         changed = diff_configs(ckpt["config"], self.cfg.to_dict())
         if changed:
             self.log(f"note: resuming with changed config keys: {', '.join(changed)}")
@@ -93,19 +93,48 @@ class Trainer:
         if self.optim.scaler.is_enabled() and ckpt["scaler"]:  # a bf16/off checkpoint has no scaler state
             self.optim.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["state"])
-        meters = ckpt["meter"]
-        if len(meters) == self.info.world_size:
+        meters, world = ckpt["meter"], self.info.world_size
+        if len(meters) == world:
             self.meter.load(meters[self.info.rank])  # this rank's running sums of the interrupted epoch
+        elif self.info.is_main:
+            # Another world size: rank 0 takes every saved rank's running sums (the others start from zero), so
+            # the epoch's all-reduced train metrics still count each step before the interruption exactly once.
+            self.meter.load(ckpt_lib.merge_meters(meters))
+        if len(meters) != world and self.state.step_in_epoch:
+            self.log(f"note: resuming epoch {self.state.epoch + 1} mid-way at world size {world} (checkpoint: "
+                     f"{len(meters)}): the global batches are the same, and its train metrics count every step once")
         rng = ckpt["rng"]
-        if len(rng) == self.info.world_size:
+        if len(rng) == world:
             ckpt_lib.set_rng_state(rng[self.info.rank])
         else:
-            self.log(f"warning: checkpoint has RNG states of {len(rng)} ranks, this run has {self.info.world_size}")
+            self.log(f"warning: checkpoint has RNG states of {len(rng)} ranks, this run has {world}")
         self.resumed_config = ckpt["config"]
+        if not self.run_dir.is_own(path):
+            self._resumed_from = Path(path)
         if self.state.epoch >= self.cfg.train.epochs:
             return  # a finished run: fit() says so
         self.log(f"resumed from {path}: epoch {self.state.epoch + 1}, step {self.state.step_in_epoch}/"
                  f"{self.steps_per_epoch} (global step {self.state.global_step})")
+
+    def _adopt_best(self) -> None:
+        """Resumed from another run's checkpoint (``--resume``): this directory's best.pth must hold the best
+        epoch the state names. Copy that run's best.pth when it is that epoch's; otherwise the best is tracked
+        again from here on (the next evaluation here writes best.pth). Rank 0 decides; every rank follows."""
+        st, source = self.state, self._resumed_from
+        if source is None or st.best_epoch == 0:
+            return
+        decision = None
+        if self.info.is_main:
+            decision = ("kept" if self.run_dir.best.exists() else
+                        "copied" if self.run_dir.adopt_best(source, st.best_epoch) else "tracked again")
+        decision = dist_lib.broadcast_object(decision)
+        theirs = f"{source.parent / 'best.pth'} (epoch {st.best_epoch}, top1 {st.best_top1:.2f})"
+        if decision == "copied":
+            self.log(f"best.pth: copied {theirs}, the best epoch of the run resumed from")
+        elif decision == "tracked again":
+            self.log(f"note: best.pth: {theirs} cannot be copied (missing, or of another epoch): the best epoch is "
+                     f"tracked again from epoch {st.epoch + 1} on, and the next evaluation writes best.pth")
+            st.best_top1, st.best_epoch = -1.0, 0
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def _checkpoint(self) -> dict:
@@ -118,6 +147,7 @@ class Trainer:
             "config": self.cfg.to_dict(), "state": asdict(s),
             "meter": dist_lib.all_gather_object(self.meter.state()),  # every rank's running sums, like its RNG
             "rng": dist_lib.all_gather_object(ckpt_lib.get_rng_state()),
+            "arch": model_arguments(self.cfg), "classes": self.data.classes,
         }
 
     def save(self) -> None:
@@ -131,7 +161,8 @@ class Trainer:
         if self.info.is_main:
             self.run_dir.save_best({"format": ckpt_lib.MODEL_FORMAT, "model": self.model.state_dict(),
                                     "config": self.cfg.to_dict(), "epoch": self.state.epoch,
-                                    "val": self.state.last_val})
+                                    "val": self.state.last_val, "arch": model_arguments(self.cfg),
+                                    "classes": self.data.classes})
 
     def _nonfinite(self, step: int) -> NonFiniteLossError:
         last = self.run_dir.last
@@ -183,13 +214,20 @@ class Trainer:
         return reading
 
     def preemption_exit(self, preempt: Preemption) -> dict:
-        """Checkpoint where we are and report it; the process then exits 0 (a requeued job resumes here)."""
+        """Checkpoint where we are and report it: ``{"status": "preempted"}`` (SIGTERM/SIGUSR1: the process exits
+        0, a requeued job resumes here) or ``{"status": "interrupted"}`` (Ctrl-C: exit status 130)."""
         st = self.state
         self._account()
         self.save()
-        self.log(f"{preempt.name} received: checkpointed at epoch {st.epoch + 1} step {st.step_in_epoch}/"
-                 f"{self.steps_per_epoch} (global step {st.global_step}); exiting for requeue")
-        return {"status": "preempted"}
+        where = (f"checkpointed at epoch {st.epoch + 1} step {st.step_in_epoch}/{self.steps_per_epoch} (global step "
+                 f"{st.global_step})")
+        if preempt.interrupted:
+            self.log(f"interrupted (Ctrl-C): {where}; run the same command again to resume from there")
+            self.stopped = {"status": "interrupted"}
+        else:
+            self.log(f"{preempt.name} received: {where}; exiting for requeue")
+            self.stopped = {"status": "preempted"}
+        return self.stopped
 
     def _debug_hooks(self) -> None:
         dbg, st = self.cfg.debug, self.state
@@ -249,8 +287,11 @@ class Trainer:
     def _evaluate(self) -> dict:
         dist_lib.broadcast_buffers(self.model)  # every rank evaluates rank 0's BN statistics
         show = self.info.is_main and self.cfg.train.progress
-        return evaluate(self.wrapped.eval_model, self.data.val_loader, self.device, self.cfg.train.amp,
-                        self.cfg.train.channels_last, desc="eval" if show else None)
+        try:
+            return evaluate(self.wrapped.eval_model, self.data.val_loader, self.device, self.cfg.train.amp,
+                            self.cfg.train.channels_last, desc="eval" if show else None)
+        except NonFiniteOutputError as e:
+            raise NonFiniteOutputError(f"evaluation of epoch {self.state.epoch + 1}: {e}") from None
 
     def _end_epoch(self, train: MeterReading) -> None:
         """Evaluate (when due), log and record the epoch, move the state to the next epoch, checkpoint."""
@@ -294,24 +335,26 @@ class Trainer:
         self.save()
 
     def fit(self, preempt: Preemption) -> dict:
-        """Train to ``train.epochs``; returns the summary, or ``{"status": "preempted"}``."""
+        """Train to ``train.epochs``; returns the summary, or the stop's status (:meth:`preemption_exit`)."""
         cfg, st = self.cfg, self.state
         if st.epoch >= cfg.train.epochs:
             return self.already_complete()
         self.run_dir.sync_config(dump_config(cfg), cfg.to_dict(), self.resumed_config)
         self.run_dir.trim_metrics(st.epoch)
+        self._adopt_best()
         if self.info.is_main and cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             # purge_step drops events a crashed session logged after the checkpoint we resume from.
             self.writer = SummaryWriter(str(self.run_dir.tensorboard), purge_step=st.global_step or None)
         self.log("start training")
+        preempt.training = True  # from here a Ctrl-C checkpoints first (a second one exits at once)
         while st.epoch < cfg.train.epochs:
             # Under DDP only the all-reduced request is used, so that every rank stops at the same point.
             if preempt.requested if not self.info.distributed else self.stop_requested_any_rank:
                 return self.preemption_exit(preempt)
             train = self.train_one_epoch(preempt)
             if train is None:
-                return {"status": "preempted"}
+                return self.stopped
             self._end_epoch(train)
         summary = self.summary()
         path = self.run_dir.write_summary(summary)
@@ -362,19 +405,10 @@ class Trainer:
 def check_config(cfg: Config, info: dist_lib.DistInfo) -> None:
     """What can refuse ``cfg`` on this machine (the config layer checked everything else): the device, and
     for ``data.pipeline: gpu`` a working nvjpeg (one-line ConfigError each)."""
-    check_device(cfg, info)
+    check_device(cfg, info.device, info.distributed)
     if cfg.data.pipeline == "gpu":
         from engine.data.gpu_decode import check_available
         check_available()
-
-
-def check_device(cfg: Config, info: dist_lib.DistInfo) -> None:
-    t = cfg.train
-    if t.amp == "fp16" and info.device.type != "cuda":
-        raise ConfigError("config key 'train.amp': fp16 (with GradScaler) needs a CUDA device; use bf16 or off on CPU")
-    if t.sync_bn and info.distributed and info.device.type != "cuda":
-        raise ConfigError("config key 'train.sync_bn': SyncBatchNorm needs CUDA devices; "
-                          "set train.sync_bn=false on CPU")
 
 
 def build_trainer(cfg: Config, info: dist_lib.DistInfo, run_dir: RunDir, model: torch.nn.Module,
@@ -406,8 +440,9 @@ def build_trainer(cfg: Config, info: dist_lib.DistInfo, run_dir: RunDir, model: 
 
 
 def fit(cfg: Config, resume: str | None = None) -> dict:
-    """Train ``cfg`` in ``cfg.output_dir`` (auto-resuming from its checkpoints); returns the summary
-    (``{"status": "preempted"}`` if a SIGTERM/SIGUSR1 stopped it after checkpointing)."""
+    """Train ``cfg`` in ``cfg.output_dir`` (auto-resuming from its checkpoints); returns the summary, or
+    ``{"status": "preempted"}`` (SIGTERM/SIGUSR1) / ``{"status": "interrupted"}`` (Ctrl-C) when a stop request
+    ended it after checkpointing."""
     info = dist_lib.init_distributed()
     trainer, run_dir = None, None
     # The handlers stay installed through the clean-up too: a SIGTERM then (torchrun stopping the workers after
