@@ -58,8 +58,9 @@ class Once:
             return True
 
 
-def run_guarded(fn: Callable[[], int | None]) -> int:
-    """Run ``fn``; turn the project's expected failures into ``error: ...`` on stderr and exit code 2."""
+def run_guarded(fn: Callable[[], int | None], interrupted: str = "interrupted") -> int:
+    """Run ``fn``; turn the project's expected failures into ``error: ...`` on stderr and exit code 2, and a
+    ``KeyboardInterrupt`` into ``error: <interrupted>`` and exit code 130."""
     # Nothing here imports torch for a single process (a bad config answers at once); DDP needs it anyway.
     from engine.config import ConfigError
     from engine.data.errors import CorruptImageError, DataError
@@ -108,8 +109,7 @@ def run_guarded(fn: Callable[[], int | None]) -> int:
         print(f"killed: {e}", file=sys.stderr, flush=True)
         return EXIT_KILLED
     except KeyboardInterrupt:
-        print("error: interrupted, without checkpointing this session; run the same command again to resume from "
-              "the last checkpoint", file=sys.stderr, flush=True)
+        print(f"error: {interrupted}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - only a broken collective is handled; anything else is a bug
         if world <= 1 or not _is_collective_failure(e):

@@ -100,7 +100,8 @@ def train_main(argv: list[str] | None = None) -> int:
         result = fit(cfg, resume=args.resume)
         return EXIT_INTERRUPTED if result.get("status") == "interrupted" else 0
 
-    return run_guarded(run)
+    return run_guarded(run, interrupted="interrupted before this session's next checkpoint; run the same command "
+                                        "again to resume from the last one")
 
 
 def check_output_path(out: Path) -> None:

@@ -30,7 +30,7 @@ from engine import distributed as dist_lib
 from engine import fileio
 from engine.config import ConfigError, diff_configs
 from engine.data.errors import DataError
-from engine.runlock import RunDirInUseError, RunDirLock
+from engine.runlock import RunDirLock
 from engine.summary import FILE_NAME as SUMMARY_NAME, RunSummary, read_summary
 
 CONFIG_NAME = "config.yaml"
@@ -116,12 +116,12 @@ class RunDir:
                 self._lock = lock
                 for folder in (self.path, self.checkpoints):
                     fileio.remove_temp_files(folder, log=self.log)
-            except (ConfigError, fileio.WriteError) as e:
+            except (ConfigError, OSError) as e:  # OSError: the lock's own failures (e.g. a read-only lock file)
                 self.release()
                 error = str(e)
         error = dist_lib.broadcast_object(error)
         if error is not None:
-            raise RunDirInUseError(error)
+            raise ConfigError(error)  # one line, the same on every rank
 
     def _create(self) -> None:
         try:
