@@ -30,7 +30,7 @@ BEST, FINAL = "best_top1", "final_top1"
 # --------------------------------------------------------------------------------------------- helpers
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write text or bytes atomically (the engine's writers: temp file, fsync, rename)."""
-    from engine.checkpoint import atomic_open, atomic_write_text
+    from engine.fileio import atomic_open, atomic_write_text
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if isinstance(data, str):

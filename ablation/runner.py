@@ -42,7 +42,7 @@ def trainer_command(trainer_cmd: Optional[str] = None, gpus: int = 1) -> list[st
 
 
 def write_json_atomic(path: Path, data) -> None:
-    from engine.checkpoint import atomic_write_text
+    from engine.fileio import atomic_write_text
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

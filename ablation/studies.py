@@ -276,6 +276,26 @@ def default_runs_root(preset: str, output: Optional[Path]) -> Path:
     return REPO / "runs" / "ablation" / preset
 
 
+def used_model_options(overrides: dict, config: str) -> dict:
+    """``overrides`` without the ``model.kwargs`` its model would ignore: a preset's model options apply to the
+    runs whose model uses them (the plain base network has no attention, so no FCA grid or excitation
+    reduction), and the trainer refuses an option its model ignores."""
+    kwargs = overrides.get("model.kwargs")
+    if not isinstance(kwargs, dict) or not kwargs:
+        return overrides
+    from engine.config import ModelConfig, ignored_model_options, load_yaml_tree
+
+    name = overrides.get("model.name")
+    if name is None:
+        model = load_yaml_tree(REPO / config).get("model")
+        name = model.get("name", ModelConfig.name) if isinstance(model, dict) else ModelConfig.name
+    try:
+        ignored = ignored_model_options(str(name), kwargs)
+    except ValueError:  # an unknown model: the trainer's config check names it
+        return overrides
+    return dict(overrides, **{"model.kwargs": {k: v for k, v in kwargs.items() if k not in ignored}})
+
+
 def check_base_checkpoint(path: str, run: Run) -> str:
     """Validate ``--base-checkpoint`` once, at planning: it must load, strictly, into the fine-tune network of
     ``run`` (the preset's architecture and classes) and hold no attention weights (the fine-tunes add fresh
@@ -285,7 +305,7 @@ def check_base_checkpoint(path: str, run: Run) -> str:
         raise AblationError(f"--base-checkpoint {path}: file not found")
     import models
     from engine.config import ConfigError, load_config
-    from engine.trainer import build_model
+    from engine.builders import build_model
 
     try:
         state = models.read_state_dict(str(file))
@@ -351,6 +371,7 @@ def build_plan(study: str, preset_name: str, seeds: Optional[int] = None, runs_r
         overrides.update(extra)
         if preset["grid_explicit"]:
             overrides["model.kwargs"] = dict(overrides.get("model.kwargs") or {}, grid=size)
+        overrides = used_model_options(overrides, config)
         overrides["train.epochs"] = int(epochs)
         overrides["seed"] = 0 if seed is None else int(seed)
         overrides["output_dir"] = str(run_dir)

@@ -31,6 +31,7 @@ class DataBundle:
     steps_per_epoch: int
     train_size: int
     val_size: int
+    classes: list[str]  # class names in label order (the train set's folders)
 
 
 def build_data(cfg: Config, info: dist_lib.DistInfo) -> DataBundle:
@@ -47,10 +48,20 @@ def build_data(cfg: Config, info: dist_lib.DistInfo) -> DataBundle:
     train_loader = make_loader(train_set, sampler, cfg.data.workers, info.device)
     val_loader = make_loader(val_set, ExactEvalBatchSampler(len(val_set), val_bs, info.world_size, info.rank),
                              cfg.data.workers, info.device)
-    return DataBundle(train_loader, val_loader, sampler, sampler.steps, len(train_set), len(val_set))
+    return DataBundle(train_loader, val_loader, sampler, sampler.steps, len(train_set), len(val_set),
+                      list(train_set.classes))
 
 
 # ---------------------------------------------------------------------------------------------------- model
+
+def check_device(cfg: Config, device: torch.device, distributed: bool = False) -> None:
+    """Refuse what ``cfg`` asks of a device this machine lacks (one-line ConfigError)."""
+    if cfg.train.amp == "fp16" and device.type != "cuda":
+        raise ConfigError("config key 'train.amp': fp16 (with GradScaler) needs a CUDA device; use bf16 or off on CPU")
+    if cfg.train.sync_bn and distributed and device.type != "cuda":
+        raise ConfigError("config key 'train.sync_bn': SyncBatchNorm needs CUDA devices; "
+                          "set train.sync_bn=false on CPU")
+
 
 def seed_everything(seed: int) -> None:
     """Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's at construction)."""
@@ -59,46 +70,36 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def check_model_config(cfg: Config) -> None:
-    """Refuse model options the chosen architecture would silently ignore (a frequency selection is only
-    meaningful for FcaNet, paper Sec. 3.3)."""
-    import models
-    from models.registry import MODELS
-
-    try:
-        spec = MODELS[models.registry.resolve_name(cfg.model.name)]
-    except ValueError as e:
-        raise ConfigError(f"config key 'model.name': {e}") from None
-    if spec.attention != "fca":
-        used = [k for k in ("freq", "dct_weights", "dct_init") if cfg.model.kwargs.get(k) is not None]
-        if cfg.model.freq is not None:
-            used.insert(0, "freq")
-        if used:
-            key = "model.freq" if used[0] == "freq" and cfg.model.freq is not None else f"model.kwargs.{used[0]}"
-            raise ConfigError(f"config key '{key}': {cfg.model.name} has no frequency channel attention, so "
-                              f"{used[0]} would be ignored; remove it or use an fcanet* model")
-
-
-def build_model(cfg: Config) -> nn.Module:
-    """``models.create_model`` with the config's model section (``input_size`` defaults to the image size),
-    after :func:`check_model_config`."""
-    check_model_config(cfg)
-    return _create_model(cfg)
-
-
-def _create_model(cfg: Config) -> nn.Module:
-    """:func:`build_model` for a config already checked (the trainer checks it before owning the run dir)."""
-    import models
-
+def model_arguments(cfg: Config) -> dict:
+    """``models.create_model``'s arguments for ``cfg`` (``name``, ``num_classes``, ``kwargs``; ``input_size``
+    defaults to ``data.image_size``). Checkpoints store them, so a model can be rebuilt from its file alone
+    (``models.load_checkpoint``)."""
     kwargs = dict(cfg.model.kwargs)
     kwargs.setdefault("input_size", cfg.data.image_size)
     if cfg.model.freq is not None:
         kwargs["freq"] = cfg.model.freq
+    return {"name": cfg.model.name, "num_classes": cfg.model.num_classes, "kwargs": kwargs}
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """``models.create_model`` with the config's model section (its options already checked by the config
+    layer); a value the model's constructor refuses (e.g. a k that does not divide the channels) is a
+    one-line :class:`ConfigError`."""
+    import models
+
+    args = model_arguments(cfg)
     try:
-        return models.create_model(cfg.model.name, num_classes=cfg.model.num_classes, **kwargs)
+        return models.create_model(args["name"], num_classes=args["num_classes"], **args["kwargs"])
     except (ValueError, TypeError, KeyError) as e:
         msg = str(e).strip("'\"").splitlines()[0]
-        raise ConfigError(f"config key 'model': cannot build {cfg.model.name!r}: {msg}") from None
+        raise ConfigError(f"config key 'model.kwargs': cannot build {cfg.model.name!r}: {msg}") from None
+
+
+def new_model(cfg: Config) -> nn.Module:
+    """The run's freshly initialised model on the CPU: seeded (:func:`seed_everything`), so every rank and
+    every launch of ``cfg`` starts from the same weights."""
+    seed_everything(cfg.seed)
+    return build_model(cfg)
 
 
 def init_from_checkpoint(model: nn.Module, path: str, log: Callable[[str], None] = print) -> Any:
@@ -122,13 +123,10 @@ def init_from_checkpoint(model: nn.Module, path: str, log: Callable[[str], None]
     return report
 
 
-def prepare_model(cfg: Config, info: dist_lib.DistInfo, init_checkpoint: bool,
+def prepare_model(cfg: Config, info: dist_lib.DistInfo, model: nn.Module, init_checkpoint: bool,
                   log: Callable[[str], None] = print) -> nn.Module:
-    """The model on its device (``cfg`` already checked by :func:`check_model_config`): seeded init, optional
-    fine-tune initialisation (``init_checkpoint``: only for a run that does not resume), SyncBN under DDP,
-    channels_last."""
-    seed_everything(cfg.seed)
-    model = _create_model(cfg)  # fit() ran check_model_config before anything was written
+    """``model`` (from :func:`new_model`) made ready to train: optional fine-tune initialisation
+    (``init_checkpoint``: only for a run that does not resume), SyncBN under DDP, on its device, channels_last."""
     if init_checkpoint and cfg.model.init_checkpoint:
         init_from_checkpoint(model, cfg.model.init_checkpoint, log)
     if cfg.train.sync_bn and info.distributed:

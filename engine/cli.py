@@ -11,10 +11,12 @@ import os
 import re
 import signal
 import sys
+import threading
 from typing import Callable
 
 EXIT_ERROR = 2       # bad input (config, data, checkpoint), a full disk, or a stopped run (non-finite loss)
 EXIT_KILLED = 137    # debug.kill_after_steps (what a SIGKILL-ed process reports)
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as a shell reports it; the trainer checkpoints first
 
 _PREFIX = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
 
@@ -41,18 +43,36 @@ def _is_collective_failure(exc: BaseException) -> bool:
                                                                      "NCCL", "Broken pipe"))
 
 
-def run_guarded(fn: Callable[[], int | None]) -> int:
-    """Run ``fn``; turn the project's expected failures into ``error: ...`` on stderr and exit code 2."""
-    from engine import distributed as dist_lib
-    from engine.checkpoint import CheckpointError
+class Once:
+    """``claim()`` is True exactly once (thread-safe): who gets it prints the process's one closing line."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._claimed = False
+
+    def claim(self) -> bool:
+        with self._lock:
+            if self._claimed:
+                return False
+            self._claimed = True
+            return True
+
+
+def run_guarded(fn: Callable[[], int | None], interrupted: str = "interrupted") -> int:
+    """Run ``fn``; turn the project's expected failures into ``error: ...`` on stderr and exit code 2, and a
+    ``KeyboardInterrupt`` into ``error: <interrupted>`` and exit code 130."""
+    # Nothing here imports torch for a single process (a bad config answers at once); DDP needs it anyway.
     from engine.config import ConfigError
     from engine.data.errors import CorruptImageError, DataError
+    from engine.errors import CheckpointError, NonFiniteLossError, NonFiniteOutputError, SimulatedKill
     from engine.fileio import WriteError
-    from engine.trainer import NonFiniteLossError, SimulatedKill
 
-    expected = (ConfigError, DataError, CorruptImageError, CheckpointError, NonFiniteLossError, WriteError)
+    expected = (ConfigError, DataError, CorruptImageError, CheckpointError, NonFiniteLossError, NonFiniteOutputError,
+                WriteError)
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from engine import distributed as dist_lib
     where = f" (rank {rank})" if rank else ""
 
     def quiet_exit() -> None:
@@ -60,7 +80,7 @@ def run_guarded(fn: Callable[[], int | None]) -> int:
         if world > 1:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-    final_line = dist_lib.Once()
+    final_line = Once()
 
     def stopped_by(failed: int) -> None:  # another rank failed while this one may be blocked in a collective
         if final_line.claim():
@@ -81,15 +101,16 @@ def run_guarded(fn: Callable[[], int | None]) -> int:
             if rank == 0:
                 print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         else:
-            dist_lib.announce_failure(rank)
+            if world > 1:
+                dist_lib.announce_failure(rank)
             print(f"error: {one_line(e)}{where}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     except SimulatedKill as e:
         print(f"killed: {e}", file=sys.stderr, flush=True)
         return EXIT_KILLED
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
-        return 130
+        print(f"error: {interrupted}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - only a broken collective is handled; anything else is a bug
         if world <= 1 or not _is_collective_failure(e):
             raise

@@ -39,47 +39,48 @@ def _f(default: Any = MISSING, *, choices: tuple | None = None, min: float | Non
 
 @dataclass
 class ModelConfig:
-    name: str = _f("fcanet50", help="models.create_model name, e.g. resnet50, senet50, ecanet50, fcanet50")
-    num_classes: int = _f(1000, min=1)
-    # FCA frequency selection ('top16', 'low4', 'bot2' or a list of (u, v) pairs); null = model default.
-    # Only passed to fcanet* models.
-    freq: Union[str, List[List[int]], None] = _f(None)
-    # Fine-tune initialisation (our checkpoint, torchvision's, the authors', or a plain ResNet for an
-    # attention model). Ignored when the run resumes from its own checkpoint.
-    init_checkpoint: Optional[str] = _f(None)
-    kwargs: Dict[str, Any] = _f(default_factory=dict, help="extra keyword arguments for create_model")
+    name: str = _f("fcanet50", help="model to train (python train_imagenet.py --list-models)")
+    num_classes: int = _f(1000, min=1, help="classifier outputs (at least the class folders of data.root)")
+    freq: Union[str, List[List[int]], None] = _f(
+        None, help="FCA frequency selection: top16, low4, bot2, ... or a list of (u, v) pairs (null: the model's "
+                   "default, top16); fcanet* models only")
+    init_checkpoint: Optional[str] = _f(
+        None, help="fine-tune initialisation: our checkpoint, torchvision's, the authors', or a plain ResNet for an "
+                   "attention model (ignored when the run resumes from its own checkpoint)")
+    kwargs: Dict[str, Any] = _f(
+        default_factory=dict, help="more models.create_model options, e.g. {reduction: 16, grid: 7, widths: [...], "
+                                   "stem: cifar}; an option the model would ignore is refused")
 
 
 @dataclass
 class OptimConfig:
     base_lr: float = _f(0.1, min=0.0, help="learning rate per 256 images (lr = base_lr * global_batch / 256)")
-    momentum: float = _f(0.9, min=0.0)
-    weight_decay: float = _f(1e-4, min=0.0)
-    nesterov: bool = _f(False)
+    momentum: float = _f(0.9, min=0.0, help="SGD momentum")
+    weight_decay: float = _f(1e-4, min=0.0, help="SGD weight decay (every parameter)")
+    nesterov: bool = _f(False, help="Nesterov momentum")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _f(100, min=1)
-    warmup_epochs: float = _f(5.0, min=0.0)
-    # Cosine length in epochs when it differs from the run's length: the authors' main.py fine-tunes on the
-    # first epochs of a 100-epoch (5 warmup + 95 cosine) schedule. null: train.epochs.
+    epochs: int = _f(100, min=1, help="epochs to train (raising it continues a finished run)")
+    warmup_epochs: float = _f(5.0, min=0.0, help="linear lr warmup, in epochs (then cosine to 0)")
+    # The authors' main.py fine-tunes on the first epochs of a 100-epoch (5 warmup + 95 cosine) schedule.
     schedule_epochs: Optional[int] = _f(None, min=1, help="lr schedule length in epochs (null: train.epochs)")
-    batch_size: int = _f(128, min=1, help="per process")
-    amp: str = _f("bf16", choices=("bf16", "fp16", "off"))
-    label_smoothing: float = _f(0.1, min=0.0)
-    channels_last: bool = _f(False)
-    compile: bool = _f(False)
-    sync_bn: bool = _f(False)
+    batch_size: int = _f(128, min=1, help="images per process and step (global batch = batch_size x processes)")
+    amp: str = _f("bf16", choices=("bf16", "fp16", "off"), help="autocast precision (fp16: CUDA, with loss scaling)")
+    label_smoothing: float = _f(0.1, min=0.0, help="label smoothing of the training loss, in [0, 1)")
+    channels_last: bool = _f(False, help="channels_last memory format for the model and its inputs")
+    compile: bool = _f(False, help="torch.compile the model for training and evaluation")
+    sync_bn: bool = _f(False, help="SyncBatchNorm across processes (CUDA DDP only)")
     checkpoint_every_steps: int = _f(0, min=0, help="mid-epoch checkpoint period (0: only at epoch ends)")
     log_every_steps: int = _f(50, min=1, help="metrics are reduced (host sync) every N steps")
     max_steps_per_epoch: Optional[int] = _f(None, min=1, help="cap the steps per epoch (smoke tests)")
-    eval_every_epochs: int = _f(1, min=1)
-    progress: bool = _f(True, help="tqdm progress bar on rank 0")
-    # torch intra-op threads on CPU (null: torch's default, or OMP_NUM_THREADS as torchrun sets it).
+    eval_every_epochs: int = _f(1, min=1, help="evaluate every N epochs (and after the last one)")
+    progress: bool = _f(True, help="progress bar on rank 0 (a line every few seconds when not a terminal)")
     # Tiny CPU models run faster on 1 thread, and far faster when the cores are shared.
-    cpu_threads: Optional[int] = _f(None, min=1)
-    tensorboard: bool = _f(True)
+    cpu_threads: Optional[int] = _f(None, min=1, help="torch intra-op threads on CPU (null: torch's default, or "
+                                                      "OMP_NUM_THREADS as torchrun sets it)")
+    tensorboard: bool = _f(True, help="write TensorBoard events to <output_dir>/tb")
 
 
 MAX_IMAGE_SIZE = 1024   # data.image_size: 4.6x the paper's 224 px in each dimension (21x the pixels)
@@ -88,32 +89,34 @@ MAX_VAL_RESIZE = 2048
 
 @dataclass
 class DataConfig:
-    source: str = _f("imagefolder", choices=("imagefolder", "synthetic"))
+    source: str = _f("imagefolder", choices=("imagefolder", "synthetic"),
+                     help="imagefolder (data.root) or synthetic (generated tensors, for benchmarks)")
     root: str = _f("data/imagenet", help="ImageFolder root holding train/ and val/")
     # At most MAX_IMAGE_SIZE (checked with the batch size in _check_semantics): one float32 batch of 128
     # crops of 4096 px is 26 GB before the model's activations; such a run was OOM-killed without a word.
-    image_size: int = _f(224, min=1)
+    image_size: int = _f(224, min=1, help="training crop and evaluation center crop, in pixels")
     val_resize: int = _f(256, min=1, max=MAX_VAL_RESIZE, help="shorter side before the center crop")
-    crop: str = _f("fcanet", choices=("fcanet", "torchvision"))
-    # fast: uint8 CPU decode (DCT-domain downscale), normalize on the device; torchvision: the PIL reference;
-    # gpu: nvjpeg decode + crop/resize on the GPU (CUDA only; files nvjpeg cannot decode fall back to the CPU).
-    pipeline: str = _f("fast", choices=("fast", "torchvision", "gpu"))
+    crop: str = _f("fcanet", choices=("fcanet", "torchvision"),
+                   help="random-resized-crop recipe: the authors' (fcanet) or torchvision's defaults")
+    pipeline: str = _f("fast", choices=("fast", "torchvision", "gpu"),
+                       help="fast: uint8 CPU decode, normalize on the device; torchvision: the PIL reference; gpu: "
+                            "nvjpeg decode and crops on the GPU (CUDA only)")
     workers: Optional[int] = _f(None, min=0, help="DataLoader workers per process (null: from the CPU count)")
     val_batch_size: Optional[int] = _f(None, min=1, help="null: same as train.batch_size")
     skip_corrupt: bool = _f(False, help="skip and count unreadable images instead of failing")
-    # Write a built-in data set as an ImageFolder under data.root first (once; rank 0): 'digits' =
-    # scikit-learn's 8x8 digits, the CPU demo.
-    prepare: Optional[str] = _f(None, choices=("digits",))
-    synthetic_train_size: int = _f(12800, min=1)
-    synthetic_val_size: int = _f(1000, min=1)
+    prepare: Optional[str] = _f(None, choices=("digits",),
+                                help="first write a built-in data set under data.root (once): digits = "
+                                     "scikit-learn's 8x8 digits, the CPU demo")
+    synthetic_train_size: int = _f(12800, min=1, help="images per epoch of data.source=synthetic")
+    synthetic_val_size: int = _f(1000, min=1, help="validation images of data.source=synthetic")
 
 
 @dataclass
 class DebugConfig:
-    # Simulate a hard kill (no checkpoint, exit code 137) right after this global step.
-    kill_after_steps: Optional[int] = _f(None, min=1)
-    # Send SIGTERM to this process right after this global step (exercises the preemption path).
-    signal_after_steps: Optional[int] = _f(None, min=1)
+    kill_after_steps: Optional[int] = _f(None, min=1, help="simulate a hard kill (no checkpoint, exit status 137) "
+                                                           "right after this global step")
+    signal_after_steps: Optional[int] = _f(None, min=1, help="send SIGTERM to this process right after this global "
+                                                             "step (exercises the preemption path)")
 
 
 @dataclass
@@ -124,7 +127,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     output_dir: Optional[str] = _f(None, help="run directory (null: runs/<config file stem>)")
-    seed: int = _f(0, min=0, max=2**32 - 1)  # numpy's seed range
+    seed: int = _f(0, min=0, max=2**32 - 1, help="seed of the initial weights and of the data order")  # numpy's range
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,6 +138,29 @@ class Config:
 
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(key, "type, default, constraint", help)`` of every leaf key of the schema, in schema order."""
+    out = []
+    hints = _hints(cls)
+    for f in fields(cls):
+        tp, key = hints[f.name], prefix + f.name
+        if is_dataclass(tp):
+            out.extend(describe_keys(tp, key + "."))
+            continue
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        facts = [_type_name(tp), f"default {shown}"]
+        meta = f.metadata
+        if meta.get("choices"):
+            facts.append("one of " + ", ".join(meta["choices"]))
+        if meta.get("min") is not None:
+            facts.append(f">= {meta['min']:g}")
+        if meta.get("max") is not None:
+            facts.append(f"<= {meta['max']}")
+        out.append((key, "; ".join(facts), meta.get("help", "")))
+    return out
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -268,14 +294,65 @@ def _build(cls: type, raw: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _check_semantics(cfg: Config) -> None:
-    """Cross-field and domain checks that a type cannot express."""
-    if cfg.model.freq is not None:
-        from models.dct import GRID, parse_frequencies  # the model zoo owns the frequency grammar
+# ----------------------------------------------------------------------------------------------------
+# Model options: model.name, model.freq and model.kwargs are models.create_model's arguments.
+
+# The attention options (models.registry.ATTENTION_KWARGS) each attention kind (ModelSpec.attention) reads; a
+# model ignores the others. input_size (the image size FCA's DCT sizes derive from) is set for every model.
+ATTENTION_OPTIONS = {"none": (), "se": ("reduction",), "eca": ("eca_kernel",),
+                     "fca": ("reduction", "freq", "dct_weights", "dct_init", "grid")}
+_KIND_NAMES = {"se": "SE", "eca": "ECA", "fca": "frequency channel"}
+
+
+def ignored_model_options(name: str, options: dict) -> list[str]:
+    """The keys of ``options`` (``create_model`` keyword arguments) that model ``name`` would ignore (its
+    attention kind does not read them). ``name`` must be a registered model."""
+    from models import registry
+
+    used = ATTENTION_OPTIONS.get(registry.MODELS[registry.resolve_name(name)].attention)
+    if used is None:  # an attention kind this table does not describe: the model's constructor decides
+        return []
+    return [k for k in options if k in registry.ATTENTION_KWARGS and k != "input_size" and k not in used]
+
+
+def _check_model(cfg: Config) -> None:
+    """The model exists, takes every option given, and uses each of them (an ignored option is refused)."""
+    from models import registry  # torch-free: the registry's data, not the models
+    from models.dct import GRID, parse_frequencies  # the model zoo owns the frequency grammar
+
+    m = cfg.model
+    try:
+        registry.resolve_name(m.name)
+    except ValueError as e:
+        raise ConfigError(f"config key 'model.name': {e}") from None
+    valid = registry.ATTENTION_KWARGS + registry.RESNET_KWARGS
+    for k in m.kwargs:
+        if k not in valid:
+            close = difflib.get_close_matches(str(k), valid, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"config key 'model.kwargs.{k}': not an option of {m.name}{hint}; options: "
+                              f"{', '.join(valid)}")
+    if "freq" in m.kwargs:
+        raise ConfigError("config key 'model.kwargs.freq': set the frequency selection with model.freq")
+    options = dict(m.kwargs, **({"freq": m.freq} if m.freq is not None else {}))
+    ignored = ignored_model_options(m.name, options)
+    if ignored:
+        k = ignored[0]
+        kinds = [kind for kind, used in ATTENTION_OPTIONS.items() if k in used]
+        families = [f"{fam}*" for fam, kind in registry.FAMILIES.items() if kind in kinds]
+        raise ConfigError(f"config key '{'model.freq' if k == 'freq' else f'model.kwargs.{k}'}': {m.name} has no "
+                          f"{' or '.join(_KIND_NAMES[kind] for kind in kinds)} attention, so {k} would be ignored; "
+                          f"remove it or choose a model that has it ({', '.join(families)})")
+    if m.freq is not None:
         try:
-            parse_frequencies(cfg.model.freq, grid=int(cfg.model.kwargs.get("grid") or GRID))
+            parse_frequencies(m.freq, grid=int(m.kwargs.get("grid") or GRID))
         except (ValueError, TypeError) as e:
             raise ConfigError(f"config key 'model.freq': {e}") from None
+
+
+def _check_semantics(cfg: Config) -> None:
+    """Cross-field and domain checks that a type cannot express."""
+    _check_model(cfg)
     if cfg.train.schedule_epochs is not None and cfg.train.schedule_epochs < cfg.train.epochs:
         raise ConfigError(f"config key 'train.schedule_epochs': {cfg.train.schedule_epochs} is shorter than "
                           f"train.epochs={cfg.train.epochs} (the lr would sit at 0 for the last epochs)")

@@ -145,21 +145,6 @@ def failed_rank(wait_s: float = 3.0) -> int | None:
         time.sleep(0.1)
 
 
-class Once:
-    """``claim()`` is True exactly once (thread-safe): who gets it prints the process's one closing line."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._claimed = False
-
-    def claim(self) -> bool:
-        with self._lock:
-            if self._claimed:
-                return False
-            self._claimed = True
-            return True
-
-
 class FailureWatch:
     """A daemon thread that ends this rank as soon as another rank announced a failure.
 

@@ -21,11 +21,14 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-TEMP_RE = re.compile(r"^\..+\.tmp\d*$")  # .<name>.tmp<pid> (ours, and the older .<name>.new<pid>.tmp<pid>)
+TEMP_RE = re.compile(r"^\..+\.tmp\d*$")  # .<name>.tmp<pid> (written by atomic_open)
 
 
 class WriteError(OSError):
     """A file could not be written (one-line message naming the path and the errno)."""
+
+    def __str__(self) -> str:  # the message alone: it names the errno already ("[Errno 28] ..." only once)
+        return self.strerror or super().__str__()
 
 
 def _os_error_in(exc: BaseException) -> OSError | None:

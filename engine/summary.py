@@ -6,6 +6,7 @@ Version history: 1 = the first declared schema (the keys before it, plus ``schem
 from __future__ import annotations
 
 import json
+import subprocess
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -57,3 +58,17 @@ def read_summary(path: str | Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout this code runs from, ``-dirty`` with local changes; None outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -1,8 +1,9 @@
 """Training loop (one code path for CPU/GPU, 1 process or DDP).
 
-``fit(cfg)`` runs a whole training run in ``cfg.output_dir``: it takes the run directory's lock, finds a
-checkpoint to resume (refusing one whose weights mean something else), builds the parts
-(:mod:`engine.builders`) and hands them to a :class:`Trainer`, which holds the run's state and loops.
+``fit(cfg)`` runs a whole training run in ``cfg.output_dir``: it owns the run directory
+(:class:`engine.rundir.RunDir`, which also holds every file the run writes), finds a checkpoint to resume
+(refusing one whose weights mean something else), builds the parts (:mod:`engine.builders`) and hands them to
+a :class:`Trainer`, which holds the run's state and loops.
 
 Hot loop rules: metrics are accumulated in device tensors and only reduced/read every
 ``train.log_every_steps`` steps (and at checkpoints / epoch ends), so there is no host-device sync per
@@ -10,140 +11,34 @@ step. The non-finite-loss check and, under DDP, the stop request ride on those s
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 
 from engine import checkpoint as ckpt_lib
 from engine import distributed as dist_lib
-from engine import fileio
-from engine.builders import (DataBundle, Optimization, Wrapped, build_data, build_model, build_optimization,
-                             check_model_config, init_from_checkpoint, load_optimizer_state, prepare_model,
-                             wrap_model)
-from engine.config import Config, ConfigError, diff_configs, dump_config
+from engine.builders import (DataBundle, Optimization, Wrapped, build_data, build_optimization, check_device,
+                             load_optimizer_state, model_arguments, new_model, prepare_model, wrap_model)
+from engine.checkpoint import TrainState, check_structure
+from engine.config import Config, diff_configs, dump_config
 from engine.data.errors import DataError
-from engine.evaluation import AMP_DTYPES, evaluate, evaluate_checkpoint
 from engine.data.loader import DevicePrefetcher
+from engine.errors import NonFiniteLossError, NonFiniteOutputError, SimulatedKill
+from engine.evaluation import AMP_DTYPES, evaluate
 from engine.meter import Meter, MeterReading
 from engine.preemption import Preemption
 from engine.progress import Progress, log_line
-from engine.runlock import RunDirInUseError, RunDirLock
-from engine.summary import FILE_NAME as SUMMARY_NAME, RunSummary, read_summary
+from engine.rundir import RunDir
+from engine.summary import RunSummary, git_commit
 
-__all__ = ["fit", "Trainer", "TrainState", "evaluate", "evaluate_checkpoint", "build_model", "init_from_checkpoint",
-           "NonFiniteLossError", "SimulatedKill", "StructureChangedError"]
-
-# Config keys that define what the checkpoint's weights mean: a resume that changes one is refused.
-STRUCTURAL_KEYS = ("model.name", "model.num_classes", "model.freq", "model.kwargs", "data.image_size", "data.crop")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN/inf."""
-
-
-class StructureChangedError(ConfigError):
-    """Resuming would load weights into a model they were not trained as (same message on every rank)."""
-
-
-class SimulatedKill(BaseException):
-    """Raised by ``debug.kill_after_steps``: leave immediately, saving nothing (like SIGKILL).
-
-    A BaseException so that no ``except Exception`` on the way out can swallow it."""
-
-
-def git_commit() -> str | None:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if out.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def check_structure(saved: dict, cfg: Config, path: Path) -> None:
-    """Refuse resuming ``path`` (whose resolved config is ``saved``) under a config that changes what its weights
-    mean (:data:`STRUCTURAL_KEYS`)."""
-    now = cfg.to_dict()
-
-    def get(d: dict, key: str) -> Any:
-        for part in key.split("."):
-            d = d.get(part) if isinstance(d, dict) else None
-        return d
-
-    def same(key: str) -> bool:
-        a, b = get(saved, key), get(now, key)
-        if key == "model.freq" and a != b:  # null, 'top16' and its explicit (u, v) list are one selection
-            from models.dct import parse_frequencies
-            try:
-                return [tuple(f) for f in parse_frequencies(a)] == [tuple(f) for f in parse_frequencies(b)]
-            except (ValueError, TypeError):
-                return False
-        return a == b
-
-    changed = [k for k in STRUCTURAL_KEYS if not same(k)]
-    if changed:
-        what = ", ".join(f"{k}={_short(get(saved, k))} (now {_short(get(now, k))})" for k in changed)
-        raise StructureChangedError(
-            f"cannot resume {path}: its weights were trained with {what}; to train these settings start a new run "
-            "(another output_dir), or set them back to continue this one")
-
-
-def write_config(run_dir: Path, text: str, log: Callable[[str], None] = print) -> None:
-    """Write ``run_dir/config.yaml``, keeping a different earlier one as ``config.<n>.yaml`` (n = 1, 2, ...).
-
-    The copy is written (atomically) before config.yaml is replaced (atomically), so at every moment
-    config.yaml exists, and a failure (disk full, ...) is a one-line :class:`engine.fileio.WriteError`
-    that leaves config.yaml as it was."""
-    path = Path(run_dir) / "config.yaml"
-    try:
-        old = path.read_bytes()
-    except FileNotFoundError:
-        old = None
-    except OSError as e:
-        raise fileio.WriteError(e.errno, f"cannot keep the previous {path}: [Errno {e.errno}] "
-                                f"{os.strerror(e.errno) if e.errno else e}") from None
-    if old is not None:
-        n = 1 + max([int(p.name.split(".")[1]) for p in Path(run_dir).glob("config.*.yaml")
-                     if p.name.split(".")[1].isdigit()], default=0)
-        with fileio.atomic_open(Path(run_dir) / f"config.{n}.yaml", "wb") as f:
-            f.write(old)
-        log(f"config changed: the previous config.yaml is kept as config.{n}.yaml")
-    fileio.atomic_write_text(path, text)
+__all__ = ["fit", "Trainer", "build_trainer", "check_config"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class TrainState:
-    """Everything about the run's progress that a checkpoint must restore (besides weights, optimizer, RNG)."""
-    epoch: int = 0            # current epoch (0-based); == epochs when training is done
-    step_in_epoch: int = 0    # optimizer steps done in the current epoch
-    global_step: int = 0
-    best_top1: float = -1.0
-    best_epoch: int = 0
-    last_val: dict = field(default_factory=dict)
-    elapsed_s: float = 0.0    # training wall time over all sessions (resumes add up)
-    train_images: int = 0     # images trained on (all ranks), for throughput
-    train_time_s: float = 0.0  # time spent in training steps (all sessions)
-    epoch_time_s: float = 0.0  # time spent in the current epoch so far
-    epoch_images: int = 0
-
 
 class Trainer:
     """Holds a run's state and runs its loops; receives the built parts (see :func:`build_trainer`).
@@ -151,18 +46,17 @@ class Trainer:
     Args:
         cfg: the resolved config.
         info: this process's place in the job (rank, world size, device).
-        run_dir: the run directory (``cfg.output_dir``; checkpoints under ``run_dir/checkpoints``).
+        run_dir: the run directory's files (owned: :meth:`engine.rundir.RunDir.own`).
         data: loaders and the train sampler (:func:`engine.builders.build_data`).
         model: the bare model on its device (its ``state_dict`` is what checkpoints hold).
         optim: optimizer, scaler, loss and the lr function (:func:`engine.builders.build_optimization`).
         wrapped: the DDP / compiled modules the loops call (:func:`engine.builders.wrap_model`).
     """
 
-    def __init__(self, cfg: Config, info: dist_lib.DistInfo, run_dir: Path, data: DataBundle, model: torch.nn.Module,
-                 optim: Optimization, wrapped: Wrapped):
+    def __init__(self, cfg: Config, info: dist_lib.DistInfo, run_dir: RunDir, data: DataBundle,
+                 model: torch.nn.Module, optim: Optimization, wrapped: Wrapped):
         self.cfg, self.info, self.device = cfg, info, info.device
-        self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.run_dir = run_dir
         self.data, self.model, self.optim, self.wrapped = data, model, optim, wrapped
         self.steps_per_epoch = data.steps_per_epoch
         self.state = TrainState()
@@ -170,7 +64,8 @@ class Trainer:
         self.stop_requested_any_rank = False  # the all-reduced stop request of the last sync point
         self.session_start = time.time()
         self.resumed_config: dict | None = None  # the resolved config the resumed checkpoint was trained with
-        self._config_pending: str | None = None  # config.yaml text to write with this session's first checkpoint
+        self.stopped: dict | None = None  # how a stop request ended the session (preemption_exit)
+        self._resumed_from: Path | None = None  # another run's checkpoint (--resume) this run continues
         self._t0, self._images = time.time(), 0  # training time / images since the last accounting
         self.writer = None
 
@@ -185,12 +80,10 @@ class Trainer:
 
     # -- resume -----------------------------------------------------------------------------------------------
     def resume_from(self, ckpt: dict, path: Path) -> None:
-        """Load a training checkpoint (already checked by :func:`check_structure`)."""
-        if ckpt["steps_per_epoch"] != self.steps_per_epoch:
-            raise ckpt_lib.CheckpointError(
-                f"checkpoint {path} was written with {ckpt['steps_per_epoch']} steps/epoch (world size "
-                f"{ckpt['world_size']}); this launch has {self.steps_per_epoch}: resume with the same world size, "
-                "train.batch_size and data")
+        """Check a training checkpoint against this launch (its config against ours by
+        :func:`engine.checkpoint.check_structure` already), then load it."""
+        ckpt_lib.check_fits(ckpt, path, self.model, self.optim.optimizer, self.steps_per_epoch)
+        ckpt_lib.check_classes(ckpt["classes"], self.data.classes, path)
         changed = diff_configs(ckpt["config"], self.cfg.to_dict())
         if changed:
             self.log(f"note: resuming with changed config keys: {', '.join(changed)}")
@@ -200,55 +93,48 @@ class Trainer:
         if self.optim.scaler.is_enabled() and ckpt["scaler"]:  # a bf16/off checkpoint has no scaler state
             self.optim.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["state"])
-        meters = ckpt.get("meter")
-        if isinstance(meters, dict):  # older checkpoints kept rank 0's running sums only
-            meters = [meters]
-        if meters is not None and len(meters) == self.info.world_size:
+        meters, world = ckpt["meter"], self.info.world_size
+        if len(meters) == world:
             self.meter.load(meters[self.info.rank])  # this rank's running sums of the interrupted epoch
+        elif self.info.is_main:
+            # Another world size: rank 0 takes every saved rank's running sums (the others start from zero), so
+            # the epoch's all-reduced train metrics still count each step before the interruption exactly once.
+            self.meter.load(ckpt_lib.merge_meters(meters))
+        if len(meters) != world and self.state.step_in_epoch:
+            self.log(f"note: resuming epoch {self.state.epoch + 1} mid-way at world size {world} (checkpoint: "
+                     f"{len(meters)}): the global batches are the same, and its train metrics count every step once")
         rng = ckpt["rng"]
-        if len(rng) == self.info.world_size:
+        if len(rng) == world:
             ckpt_lib.set_rng_state(rng[self.info.rank])
         else:
-            self.log(f"warning: checkpoint has RNG states of {len(rng)} ranks, this run has {self.info.world_size}")
+            self.log(f"warning: checkpoint has RNG states of {len(rng)} ranks, this run has {world}")
         self.resumed_config = ckpt["config"]
+        if not self.run_dir.is_own(path):
+            self._resumed_from = Path(path)
         if self.state.epoch >= self.cfg.train.epochs:
             return  # a finished run: fit() says so
         self.log(f"resumed from {path}: epoch {self.state.epoch + 1}, step {self.state.step_in_epoch}/"
                  f"{self.steps_per_epoch} (global step {self.state.global_step})")
 
-    # -- run-directory files ----------------------------------------------------------------------------------
-    def _write_config(self, text: str) -> None:
-        write_config(self.run_dir, text, log=self.log)
-
-    def _sync_config_file(self) -> None:
-        """config.yaml must describe the weights beside it: a fresh run (or an unchanged config) writes it now;
-        a resume with a changed config writes it with this session's first checkpoint, i.e. once training
-        really continued under it (a relaunch that fails first leaves the old one in place)."""
-        text = dump_config(self.cfg)
-        try:
-            current = (self.run_dir / "config.yaml").read_text()
-        except (OSError, UnicodeDecodeError):
-            current = None
-        if current == text:
+    def _adopt_best(self) -> None:
+        """Resumed from another run's checkpoint (``--resume``): this directory's best.pth must hold the best
+        epoch the state names. Copy that run's best.pth when it is that epoch's; otherwise the best is tracked
+        again from here on (the next evaluation here writes best.pth). Rank 0 decides; every rank follows."""
+        st, source = self.state, self._resumed_from
+        if source is None or st.best_epoch == 0:
             return
-        if self.resumed_config is None or not diff_configs(self.resumed_config, self.cfg.to_dict()):
-            self._write_config(text)
-        else:
-            self._config_pending = text
-
-    def _trim_metrics(self) -> None:
-        """On resume, drop epoch rows a crashed session wrote after the checkpoint it left, and a torn last
-        line (a crash or a full disk during the append)."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        try:
-            rows, torn = fileio.read_jsonl(path, warn=self.log)
-        except ValueError as e:
-            raise DataError(f"{e}; move the file aside to continue") from None
-        keep = [r for r in rows if r.get("epoch", 0) <= self.state.epoch]
-        if torn or len(keep) != len(rows):
-            fileio.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+        decision = None
+        if self.info.is_main:
+            decision = ("kept" if self.run_dir.best.exists() else
+                        "copied" if self.run_dir.adopt_best(source, st.best_epoch) else "tracked again")
+        decision = dist_lib.broadcast_object(decision)
+        theirs = f"{source.parent / 'best.pth'} (epoch {st.best_epoch}, top1 {st.best_top1:.2f})"
+        if decision == "copied":
+            self.log(f"best.pth: copied {theirs}, the best epoch of the run resumed from")
+        elif decision == "tracked again":
+            self.log(f"note: best.pth: {theirs} cannot be copied (missing, or of another epoch): the best epoch is "
+                     f"tracked again from epoch {st.epoch + 1} on, and the next evaluation writes best.pth")
+            st.best_top1, st.best_epoch = -1.0, 0
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def _checkpoint(self) -> dict:
@@ -261,28 +147,25 @@ class Trainer:
             "config": self.cfg.to_dict(), "state": asdict(s),
             "meter": dist_lib.all_gather_object(self.meter.state()),  # every rank's running sums, like its RNG
             "rng": dist_lib.all_gather_object(ckpt_lib.get_rng_state()),
+            "arch": model_arguments(self.cfg), "classes": self.data.classes,
         }
 
     def save(self) -> None:
         """Write ``last.pth`` (collective: every rank contributes its RNG state; rank 0 writes)."""
         self.state.elapsed_s += time.time() - self.session_start
         self.session_start = time.time()
-        obj = self._checkpoint()
-        if self.info.is_main:
-            ckpt_lib.save_last(obj, self.ckpt_dir)
-            if self._config_pending is not None:
-                self._write_config(self._config_pending)
-                self._config_pending = None
+        self.run_dir.save_last(self._checkpoint())
         dist_lib.barrier()
 
     def _save_best(self) -> None:
         if self.info.is_main:
-            ckpt_lib.atomic_save({"format": "fcanet-model-v1", "model": self.model.state_dict(),
-                                  "config": self.cfg.to_dict(), "epoch": self.state.epoch,
-                                  "val": self.state.last_val}, self.ckpt_dir / "best.pth")
+            self.run_dir.save_best({"format": ckpt_lib.MODEL_FORMAT, "model": self.model.state_dict(),
+                                    "config": self.cfg.to_dict(), "epoch": self.state.epoch,
+                                    "val": self.state.last_val, "arch": model_arguments(self.cfg),
+                                    "classes": self.data.classes})
 
     def _nonfinite(self, step: int) -> NonFiniteLossError:
-        last = self.ckpt_dir / "last.pth"
+        last = self.run_dir.last
         kept = f"; the last good checkpoint {last} is left intact" if last.exists() else ""
         return NonFiniteLossError(f"non-finite training loss at global step {step} (epoch {self.state.epoch + 1})"
                                   f"{kept}; lower optim.base_lr or check the data")
@@ -331,13 +214,20 @@ class Trainer:
         return reading
 
     def preemption_exit(self, preempt: Preemption) -> dict:
-        """Checkpoint where we are and report it; the process then exits 0 (a requeued job resumes here)."""
+        """Checkpoint where we are and report it: ``{"status": "preempted"}`` (SIGTERM/SIGUSR1: the process exits
+        0, a requeued job resumes here) or ``{"status": "interrupted"}`` (Ctrl-C: exit status 130)."""
         st = self.state
         self._account()
         self.save()
-        self.log(f"{preempt.name} received: checkpointed at epoch {st.epoch + 1} step {st.step_in_epoch}/"
-                 f"{self.steps_per_epoch} (global step {st.global_step}); exiting for requeue")
-        return {"status": "preempted"}
+        where = (f"checkpointed at epoch {st.epoch + 1} step {st.step_in_epoch}/{self.steps_per_epoch} (global step "
+                 f"{st.global_step})")
+        if preempt.interrupted:
+            self.log(f"interrupted (Ctrl-C): {where}; run the same command again to resume from there")
+            self.stopped = {"status": "interrupted"}
+        else:
+            self.log(f"{preempt.name} received: {where}; exiting for requeue")
+            self.stopped = {"status": "preempted"}
+        return self.stopped
 
     def _debug_hooks(self) -> None:
         dbg, st = self.cfg.debug, self.state
@@ -397,8 +287,11 @@ class Trainer:
     def _evaluate(self) -> dict:
         dist_lib.broadcast_buffers(self.model)  # every rank evaluates rank 0's BN statistics
         show = self.info.is_main and self.cfg.train.progress
-        return evaluate(self.wrapped.eval_model, self.data.val_loader, self.device, self.cfg.train.amp,
-                        self.cfg.train.channels_last, desc="eval" if show else None)
+        try:
+            return evaluate(self.wrapped.eval_model, self.data.val_loader, self.device, self.cfg.train.amp,
+                            self.cfg.train.channels_last, desc="eval" if show else None)
+        except NonFiniteOutputError as e:
+            raise NonFiniteOutputError(f"evaluation of epoch {self.state.epoch + 1}: {e}") from None
 
     def _end_epoch(self, train: MeterReading) -> None:
         """Evaluate (when due), log and record the epoch, move the state to the next epoch, checkpoint."""
@@ -427,8 +320,8 @@ class Trainer:
         self.log(f"epoch {st.epoch + 1}/{cfg.train.epochs}: train loss {row['train_loss']:.4f} top1 "
                  f"{row['train_top1']:.2f} | {val_text}lr {row['lr']:.4g} | {row['img_per_s']:.1f} img/s | "
                  f"{row['epoch_time_s']:.1f} s")
+        self.run_dir.append_metrics(row)
         if self.info.is_main:
-            fileio.append_line(self.run_dir / "metrics.jsonl", json.dumps(row))
             if self.writer is not None:
                 for k, v in row.items():
                     if k not in ("epoch", "global_step"):
@@ -442,48 +335,45 @@ class Trainer:
         self.save()
 
     def fit(self, preempt: Preemption) -> dict:
-        """Train to ``train.epochs``; returns the summary, or ``{"status": "preempted"}``."""
+        """Train to ``train.epochs``; returns the summary, or the stop's status (:meth:`preemption_exit`)."""
         cfg, st = self.cfg, self.state
         if st.epoch >= cfg.train.epochs:
             return self.already_complete()
-        if self.info.is_main:
-            self._sync_config_file()
-            self._trim_metrics()
-            if cfg.train.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-                # purge_step drops events a crashed session logged after the checkpoint we resume from.
-                self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=st.global_step or None)
+        self.run_dir.sync_config(dump_config(cfg), cfg.to_dict(), self.resumed_config)
+        self.run_dir.trim_metrics(st.epoch)
+        self._adopt_best()
+        if self.info.is_main and cfg.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step drops events a crashed session logged after the checkpoint we resume from.
+            self.writer = SummaryWriter(str(self.run_dir.tensorboard), purge_step=st.global_step or None)
         self.log("start training")
+        preempt.training = True  # from here a Ctrl-C checkpoints first (a second one exits at once)
         while st.epoch < cfg.train.epochs:
             # Under DDP only the all-reduced request is used, so that every rank stops at the same point.
             if preempt.requested if not self.info.distributed else self.stop_requested_any_rank:
                 return self.preemption_exit(preempt)
             train = self.train_one_epoch(preempt)
             if train is None:
-                return {"status": "preempted"}
+                return self.stopped
             self._end_epoch(train)
         summary = self.summary()
-        if self.info.is_main:
-            fileio.atomic_write_text(self.run_dir / SUMMARY_NAME, summary.to_json())
-            self.log(f"done: best top1 {summary.best_top1:.2f} (epoch {summary.best_epoch}), final top1 "
-                     f"{summary.final_top1:.2f} top5 {summary.final_top5:.2f}; summary in "
-                     f"{self.run_dir / SUMMARY_NAME}")
+        path = self.run_dir.write_summary(summary)
+        self.log(f"done: best top1 {summary.best_top1:.2f} (epoch {summary.best_epoch}), final top1 "
+                 f"{summary.final_top1:.2f} top5 {summary.final_top5:.2f}; summary in {path}")
         return summary.to_dict()
 
     def already_complete(self) -> dict:
         """A rerun of a finished run trains nothing: say so, and how to train again. A missing or unreadable
         summary.json is written again from the checkpoint."""
         st, cfg = self.state, self.cfg
-        saved = read_summary(self.run_dir)
+        saved = self.run_dir.read_summary()
         if saved is None:
             summary = self.summary(include_session=False)
-            if self.info.is_main:
-                fileio.atomic_write_text(self.run_dir / SUMMARY_NAME, summary.to_json())
-                self.log(f"warning: {self.run_dir / SUMMARY_NAME} was missing or unreadable: written again from "
-                         "the last checkpoint")
+            path = self.run_dir.write_summary(summary)
+            self.log(f"warning: {path} was missing or unreadable: written again from the last checkpoint")
             saved = summary.to_dict()
         final = st.last_val.get("top1")
-        self.log(f"already complete: {self.run_dir} has trained {st.epoch}/{cfg.train.epochs} epochs (best top1 "
+        self.log(f"already complete: {self.run_dir.path} has trained {st.epoch}/{cfg.train.epochs} epochs (best top1 "
                  f"{st.best_top1:.2f} at epoch {st.best_epoch}" + (f", final top1 {final:.2f}" if final is not None
                                                                      else "") + "); nothing to do. To train again, "
                  "choose a new output_dir, or raise train.epochs to continue this run")
@@ -502,7 +392,7 @@ class Trainer:
             gpu_hours=wall * gpus / 3600.0, world_size=self.info.world_size,
             device=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             global_batch=self.global_batch, peak_lr=self.optim.schedule.peak_lr, git_commit=git_commit(),
-            output_dir=str(self.run_dir))
+            output_dir=str(self.run_dir.path))
 
     def close(self) -> None:
         if self.writer is not None:
@@ -513,49 +403,32 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------------------------
 
 def check_config(cfg: Config, info: dist_lib.DistInfo) -> None:
-    """Everything that can refuse ``cfg`` on this machine before the run directory is touched: the model
-    options, the device, and for ``data.pipeline: gpu`` a working nvjpeg (one-line ConfigError each)."""
-    check_model_config(cfg)
-    check_device(cfg, info)
+    """What can refuse ``cfg`` on this machine (the config layer checked everything else): the device, and
+    for ``data.pipeline: gpu`` a working nvjpeg (one-line ConfigError each)."""
+    check_device(cfg, info.device, info.distributed)
     if cfg.data.pipeline == "gpu":
         from engine.data.gpu_decode import check_available
         check_available()
 
 
-def check_device(cfg: Config, info: dist_lib.DistInfo) -> None:
-    t = cfg.train
-    if t.amp == "fp16" and info.device.type != "cuda":
-        raise ConfigError("config key 'train.amp': fp16 (with GradScaler) needs a CUDA device; use bf16 or off on CPU")
-    if t.sync_bn and info.distributed and info.device.type != "cuda":
-        raise ConfigError("config key 'train.sync_bn': SyncBatchNorm needs CUDA devices; "
-                          "set train.sync_bn=false on CPU")
-
-
-def find_checkpoint(run_dir: Path, resume: str | None, info: dist_lib.DistInfo,
-                    log: Callable[[str], None]) -> tuple[dict, Path] | None:
-    """The checkpoint to resume: ``--resume``'s, else the run directory's newest usable one, else None."""
-    if resume is not None:
-        return ckpt_lib.load_checkpoint(resume), Path(resume)
-    return ckpt_lib.find_resumable(run_dir / "checkpoints", log=log, quarantine=info.is_main)
-
-
-def build_trainer(cfg: Config, info: dist_lib.DistInfo, resume: str | None = None) -> Trainer:
-    """Find the checkpoint to resume, build data / model / optimization / wrapping, and restore the
-    checkpoint into a :class:`Trainer` (``cfg`` already checked by :func:`check_config`). Nothing in the run
-    directory is written here."""
+def build_trainer(cfg: Config, info: dist_lib.DistInfo, run_dir: RunDir, model: torch.nn.Module,
+                  resume: str | None = None) -> Trainer:
+    """Find the checkpoint to resume, build data / optimization / wrapping around ``model`` (from
+    :func:`engine.builders.new_model`), and restore the checkpoint into a :class:`Trainer` (``cfg`` already
+    checked by :func:`check_config`, ``run_dir`` owned). Nothing in the run directory is written here (an
+    unusable ``last.pth`` is moved aside)."""
     log = log_line if info.is_main else (lambda msg: None)
     if info.device.type == "cpu" and cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
-    run_dir = Path(cfg.output_dir)
-    log(f"run directory: {run_dir.resolve()}")
-    found = find_checkpoint(run_dir, resume, info, log)
+    log(f"run directory: {run_dir.path.resolve()}")
+    found = run_dir.find_checkpoint(resume)
     if found is not None:
         check_structure(found[0]["config"], cfg, found[1])
 
     data = build_data(cfg, info)
     log(f"data: {cfg.data.source} train {data.train_size} images, val {data.val_size} images; "
         f"{data.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs")
-    model = prepare_model(cfg, info, init_checkpoint=found is None, log=log)
+    model = prepare_model(cfg, info, model, init_checkpoint=found is None, log=log)
     optim = build_optimization(cfg, model, info, data.steps_per_epoch)
     log(f"lr = base_lr {cfg.optim.base_lr:g} x global batch {cfg.train.batch_size * info.world_size} / 256 = "
         f"{optim.schedule.peak_lr:g} (warmup {cfg.train.warmup_epochs:g} epochs, then cosine to 0)")
@@ -566,40 +439,26 @@ def build_trainer(cfg: Config, info: dist_lib.DistInfo, resume: str | None = Non
     return trainer
 
 
-def _own_run_dir(cfg: Config, info: dist_lib.DistInfo) -> RunDirLock | None:
-    """Rank 0 takes the run directory's lock and removes partial files an interrupted write left; every rank
-    learns whether that worked (and fails with the same message if not)."""
-    lock, error = None, None
-    if info.is_main:
-        lock = RunDirLock(cfg.output_dir, log=log_line)
-        try:
-            lock.acquire()
-            for folder in (Path(cfg.output_dir), Path(cfg.output_dir) / "checkpoints"):
-                fileio.remove_temp_files(folder, log=log_line)
-        except ConfigError as e:
-            lock, error = None, str(e)
-    error = dist_lib.broadcast_object(error)
-    if error is not None:
-        raise RunDirInUseError(error)
-    return lock
-
-
 def fit(cfg: Config, resume: str | None = None) -> dict:
-    """Train ``cfg`` in ``cfg.output_dir`` (auto-resuming from its checkpoints); returns the summary
-    (``{"status": "preempted"}`` if a SIGTERM/SIGUSR1 stopped it after checkpointing)."""
+    """Train ``cfg`` in ``cfg.output_dir`` (auto-resuming from its checkpoints); returns the summary, or
+    ``{"status": "preempted"}`` (SIGTERM/SIGUSR1) / ``{"status": "interrupted"}`` (Ctrl-C) when a stop request
+    ended it after checkpointing."""
     info = dist_lib.init_distributed()
-    trainer, lock = None, None
+    trainer, run_dir = None, None
     # The handlers stay installed through the clean-up too: a SIGTERM then (torchrun stopping the workers after
     # one failed) must not kill this process before it has printed its one line.
     with Preemption() as preempt:
         try:
-            check_config(cfg, info)  # a refused config leaves no run directory behind
-            lock = _own_run_dir(cfg, info)
-            trainer = build_trainer(cfg, info, resume)
+            # A refused config (or a model option its constructor refuses) leaves no run directory behind.
+            check_config(cfg, info)
+            model = new_model(cfg)
+            run_dir = RunDir(cfg.output_dir, is_main=info.is_main, log=log_line)
+            run_dir.own()
+            trainer = build_trainer(cfg, info, run_dir, model, resume)
             return trainer.fit(preempt)
         finally:
             if trainer is not None:
                 trainer.close()
-            if lock is not None:
-                lock.release()
+            if run_dir is not None:
+                run_dir.release()
             dist_lib.cleanup()

@@ -1,6 +1,7 @@
 """FcaNet model zoo: ResNet-18/34/50/101/152 with none/SE/ECA/FCA channel attention.
 
-Public API: :func:`create_model`, :func:`list_models`, :func:`load_weights`.
+Public API: :func:`create_model`, :func:`list_models`, :func:`load_weights`, :func:`load_checkpoint` (a model
+rebuilt from one of the trainer's checkpoints alone).
 
 The names are loaded on first use (PEP 562), so ``import models.dct`` (the frequency orders, used by the
 ablation planner) does not import torch or timm. Importing this package makes ``timm.create_model('fcanet50')``
@@ -13,10 +14,11 @@ import importlib
 
 _API = {"create_model": "registry", "list_models": "registry", "count_params": "registry",
         "load_weights": "weights", "read_state_dict": "weights", "LoadReport": "weights",
+        "load_checkpoint": "from_checkpoint",
         "ResNet": "resnet", "AttentionConfig": "resnet",
         "SE": "attention", "ECA": "attention", "FCA": "attention", "DCTPooling": "attention"}
-__all__ = ["create_model", "list_models", "load_weights", "read_state_dict", "count_params", "LoadReport",
-           "ResNet", "AttentionConfig", "SE", "ECA", "FCA", "DCTPooling"]
+__all__ = ["create_model", "list_models", "load_weights", "load_checkpoint", "read_state_dict", "count_params",
+           "LoadReport", "ResNet", "AttentionConfig", "SE", "ECA", "FCA", "DCTPooling"]
 
 
 def __getattr__(name: str):

@@ -1,12 +1,16 @@
-"""Model registry: every variant is data (block, layers, attention kind), like timm's entrypoints."""
+"""Model registry: every variant is data (block, layers, attention kind), like timm's entrypoints.
+
+Importing it does not import torch (the config layer checks model names and options with it);
+:func:`create_model` does.
+"""
 from __future__ import annotations
 
 import difflib
-import inspect
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from .resnet import AttentionConfig, ResNet
+if TYPE_CHECKING:
+    from .resnet import ResNet
 
 
 @dataclass(frozen=True)
@@ -39,8 +43,8 @@ MODEL_ALIASES = {f"{alias}{depth}": f"{family}{depth}" for alias, family in ALIA
 
 # Keyword arguments of create_model besides the name and num_classes.
 ATTENTION_KWARGS = ("reduction", "freq", "dct_weights", "dct_init", "eca_kernel", "input_size", "grid")
-RESNET_KWARGS = tuple(p for p in inspect.signature(ResNet).parameters if p not in ("block", "layers", "attention",
-                                                                                  "num_classes"))
+# ResNet's own options besides block, layers, attention and num_classes (tests check them against its signature).
+RESNET_KWARGS = ("widths", "zero_init_residual", "in_chans", "stem")
 
 
 def list_models(include_aliases: bool = False) -> list[str]:
@@ -70,6 +74,8 @@ def create_model(name: str, num_classes: int = 1000, **kwargs: Any) -> ResNet:
             the paper's 7; an explicit S refuses stages whose map is smaller than S x S)) and ResNet options
             (``widths``, ``zero_init_residual``, ``in_chans``, ``stem``: ``imagenet`` or ``cifar``).
     """
+    from .resnet import AttentionConfig, ResNet
+
     spec = MODELS[resolve_name(name)]
     unknown = sorted(set(kwargs) - set(ATTENTION_KWARGS) - set(RESNET_KWARGS))
     if unknown:

@@ -38,10 +38,11 @@ def default_workers(local_world_size: int = 1) -> int:
 
 
 def _ignore_preemption_signals(worker_id: int) -> None:
-    """Slurm sends SIGTERM/SIGUSR1 to every process of the job step, workers included. A worker dying of
-    it would make the main process raise "DataLoader worker killed" before it can checkpoint; the
-    trainer handles the signal, and workers still exit when their parent does (PyTorch's watchdog)."""
-    for name in ("SIGTERM", "SIGUSR1"):
+    """Slurm sends SIGTERM/SIGUSR1 to every process of the job step, and a terminal's Ctrl-C sends SIGINT to
+    every process of the foreground group, workers included. A worker dying of it would make the main process
+    raise "DataLoader worker killed" before it can checkpoint; the trainer handles the signal, and workers
+    still exit when their parent does (PyTorch's watchdog)."""
+    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 

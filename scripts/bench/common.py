@@ -106,7 +106,7 @@ def command_line(argv: Sequence[str]) -> str:
 def write_report(path: Optional[str], default_name: str, title: str, machine: list[str], body: str,
                  argv: Sequence[str]) -> Path:
     """Write ``results/benchmarks/<default_name>`` (or ``path``) atomically: title, date, command, machine, body."""
-    from engine.checkpoint import atomic_write_text
+    from engine.fileio import atomic_write_text
     out = Path(path) if path else RESULTS / default_name
     out.parent.mkdir(parents=True, exist_ok=True)
     text = (f"# {title}\n\nMeasured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with\n\n"

@@ -72,7 +72,7 @@ def test_mini_preset_uses_its_own_4x4_grid(tmp_path, capsys):
     # every FCA stage of the planned network holds the grid (no stage is pooled up)
     run = build_plan("single_freq", "mini", runs_root=tmp_path / "runs", seeds=1).runs[1]
     from engine.config import load_config
-    from engine.trainer import build_model
+    from engine.builders import build_model
     model = build_model(load_config(REPO / run.config, run.override_args()))
     sizes = [m.dct_h for m in model.modules() if type(m).__name__ == "DCTPooling"]
     maps = [32, 16, 8, 4]

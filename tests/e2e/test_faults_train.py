@@ -352,7 +352,8 @@ EXPECTED = {"random": "is not a PyTorch checkpoint", "empty": "is empty, not a P
 
 
 def test_checkpoint_garbage_and_foreign_pickles_in_process(tmp_path):
-    from engine.checkpoint import CheckpointError, load_checkpoint
+    from engine.checkpoint import load_checkpoint
+    from engine.errors import CheckpointError
     from models import read_state_dict
 
     marker = tmp_path / "pwned"
@@ -494,5 +495,6 @@ def test_failure_announcement_reaches_the_other_ranks(monkeypatch):
     time.sleep(0.3)
     watch.stop(), own.stop()
     assert seen == [2] and dist_lib.failed_rank(wait_s=0.0) == 2  # rank 2 ignores its own announcement
-    once = dist_lib.Once()
+    from engine.cli import Once
+    once = Once()
     assert [once.claim() for _ in range(3)] == [True, False, False]

@@ -2,18 +2,27 @@
 from __future__ import annotations
 
 import random
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 
 from engine import checkpoint as ck
+from engine.errors import CheckpointError
+from engine.fileio import atomic_save
 
 
 def _ckpt(value: float) -> dict:
-    return {"format": ck.FORMAT, "model": {"w": torch.full((3,), value)}, "optimizer": {}, "scheduler": {},
-            "epoch": 0, "step_in_epoch": int(value), "global_step": int(value), "config": {}, "scaler": {},
-            "steps_per_epoch": 10, "world_size": 1, "state": {}, "rng": []}
+    """A minimal well-formed training checkpoint at global step ``value``."""
+    step = int(value)
+    meter = {"sums": torch.zeros(5, dtype=torch.float64), "first_bad": torch.tensor(2 ** 62)}
+    return {"format": ck.FORMAT, "model": {"w": torch.full((3,), value)},
+            "optimizer": {"state": {}, "param_groups": []}, "epoch": 0, "step_in_epoch": step,
+            "global_step": step, "config": {}, "scaler": {},
+            "steps_per_epoch": 10, "world_size": 1, "meter": [meter], "rng": [ck.get_rng_state()],
+            "state": asdict(ck.TrainState(step_in_epoch=step, global_step=step)),
+            "arch": {"name": "resnet18", "num_classes": 3, "kwargs": {}}, "classes": None}
 
 
 def test_crash_during_save_keeps_the_old_file(tmp_path, monkeypatch):
@@ -47,7 +56,7 @@ def test_truncated_checkpoint_is_detected_and_resume_falls_back(tmp_path):
     ck.save_last(_ckpt(2), tmp_path)
     data = (tmp_path / "last.pth").read_bytes()
     (tmp_path / "last.pth").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ck.CheckpointError, match=r"last\.pth is truncated or corrupt \(failed reading zip"):
+    with pytest.raises(CheckpointError, match=r"last\.pth is truncated or corrupt \("):
         ck.load_checkpoint(tmp_path / "last.pth")
     logs = []
     found, path = ck.find_resumable(tmp_path, log=logs.append)
@@ -59,22 +68,22 @@ def test_truncated_checkpoint_is_detected_and_resume_falls_back(tmp_path):
     assert ck.load_checkpoint(tmp_path / "last.prev.pth")["global_step"] == 1
     (tmp_path / "last.pth").unlink()
     (tmp_path / "last.prev.pth").write_bytes(b"garbage")
-    with pytest.raises(ck.CheckpointError, match="no usable checkpoint"):
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
         ck.find_resumable(tmp_path, log=lambda m: None)
     assert ck.find_resumable(tmp_path / "empty") is None
 
 
 def test_foreign_file_is_not_a_training_checkpoint(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "weights.pth")
-    with pytest.raises(ck.CheckpointError, match="not a training checkpoint"):
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
         ck.load_checkpoint(tmp_path / "weights.pth")
-    with pytest.raises(ck.CheckpointError, match="not found"):
+    with pytest.raises(CheckpointError, match="not found"):
         ck.load_checkpoint(tmp_path / "missing.pth")
 
 
 def test_rng_state_round_trip_through_weights_only_load(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    ck.atomic_save({"rng": ck.get_rng_state()}, tmp_path / "rng.pth")
+    atomic_save({"rng": ck.get_rng_state()}, tmp_path / "rng.pth")
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     ck.set_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True)["rng"])

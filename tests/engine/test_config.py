@@ -75,7 +75,7 @@ def test_unknown_key_in_file_and_inheritance(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(BASE_CONFIG, ["model.name=senet50", "model.freq=[[0,1],[1,0]]", f"output_dir={tmp_path}"])
+    cfg = load_config(BASE_CONFIG, ["model.name=fcanet50", "model.freq=[[0,1],[1,0]]", f"output_dir={tmp_path}"])
     (tmp_path / "config.yaml").write_text(dump_config(cfg))
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg

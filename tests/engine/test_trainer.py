@@ -14,7 +14,8 @@ import torch
 from conftest import BASE_CONFIG, ROOT, subprocess_env, tiny_overrides, write_tiny_imagefolder
 from engine.config import load_config
 from engine.schedule import WarmupCosineSchedule, scaled_lr
-from engine.trainer import SimulatedKill, fit
+from engine.errors import SimulatedKill
+from engine.trainer import fit
 
 
 def run(data, out, **extra):
@@ -125,7 +126,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(data, tmp_path, mo
             return loss * float("nan") if calls["n"] == 5 else loss
 
     monkeypatch.setattr(torch.nn, "CrossEntropyLoss", NaNAtStep5)
-    from engine.trainer import NonFiniteLossError
+    from engine.errors import NonFiniteLossError
     with pytest.raises(NonFiniteLossError, match=r"non-finite training loss at global step 5 .*last good checkpoint"):
         run(data, tmp_path, **{"train.checkpoint_every_steps": 2, "train.log_every_steps": 3})
     ck = final_state(tmp_path)
@@ -169,8 +170,8 @@ def test_finetune_from_plain_resnet(reference, data, tmp_path):
     assert torch.equal(tuned["conv1.weight"], plain["conv1.weight"])  # lr 0: still the plain ResNet weights
     assert torch.equal(tuned["layer4.1.conv2.weight"], plain["layer4.1.conv2.weight"])
     assert tuned["fc.weight"].shape == (5, 32) and any(".att." in k for k in tuned)
-    # same number of classes: fc is loaded too (engine.trainer.init_from_checkpoint)
-    from engine.trainer import build_model, init_from_checkpoint
+    # same number of classes: fc is loaded too (engine.builders.init_from_checkpoint)
+    from engine.builders import build_model, init_from_checkpoint
     cfg = load_config(BASE_CONFIG, tiny_overrides(data, tmp_path / "x", **{"model.name": "fcanet18"}))
     model = build_model(cfg)
     report = init_from_checkpoint(model, str(reference[0] / "checkpoints/last.pth"), log=lambda m: None)
@@ -247,7 +248,7 @@ def test_fcanet_two_process_gloo_training(data, tmp_path):
     """FcaNet under DDP: the fixed DCT filters (buffers) stay the model's, and the run trains and evaluates."""
     from test_eval import torchrun
 
-    from engine.trainer import build_model
+    from engine.builders import build_model
     out = tmp_path / "ddp"
     ov = {"model.name": "fcanet18", "train.epochs": 1, "train.batch_size": 3, "train.checkpoint_every_steps": 2}
     proc = torchrun(2, "train_imagenet.py", ["--config", str(BASE_CONFIG)] + tiny_overrides(data, out, **ov))
@@ -265,7 +266,7 @@ def test_fcanet_two_process_gloo_training(data, tmp_path):
 
 
 def test_structural_check_names_keys_and_ignores_equivalent_freq():
-    from engine.trainer import StructureChangedError, check_structure
+    from engine.checkpoint import StructureChangedError, check_structure
     from models.dct import parse_frequencies
     saved = load_config(BASE_CONFIG).to_dict()  # fcanet50, model.freq null (= top16)
     explicit = [list(f) for f in parse_frequencies("top16")]

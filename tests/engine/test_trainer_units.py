@@ -12,12 +12,13 @@ from conftest import BASE_CONFIG, tiny_overrides
 from engine import fileio
 from engine.builders import load_optimizer_state
 from engine.config import ConfigError, load_config
-from engine.trainer import fit, write_config
+from engine.rundir import write_config
+from engine.trainer import fit
 
 
 @pytest.mark.parametrize("override", [
     {"train.amp": "fp16"},  # refused by the device check on a CPU machine
-    {"model.freq": "top16"},  # refused by the model check: resnet18 has no frequency attention
+    {"model.kwargs": "{widths: [16, 16, 32]}"},  # refused by the model's constructor (4 stages)
     pytest.param({"data.pipeline": "gpu"}, marks=pytest.mark.skipif(torch.cuda.is_available(),
                                                                     reason="nvjpeg works here")),
 ])
