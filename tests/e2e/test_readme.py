@@ -77,14 +77,16 @@ class Parsed(Exception):
 
 @contextlib.contextmanager
 def parse_only(monkeypatch):
-    """Every ``ArgumentParser.parse_args`` raises :class:`Parsed` after a successful parse."""
-    original = argparse.ArgumentParser.parse_args
-
-    def parse_args(self, args=None, namespace=None):
-        raise Parsed(original(self, args, namespace))
-
+    """Every ``ArgumentParser.parse_args`` / ``parse_intermixed_args`` raises :class:`Parsed` after a
+    successful parse (the entry points use the latter so that ``KEY=VALUE`` may stand anywhere)."""
     with monkeypatch.context() as m:
-        m.setattr(argparse.ArgumentParser, "parse_args", parse_args)
+        for name in ("parse_args", "parse_intermixed_args"):
+            original = getattr(argparse.ArgumentParser, name)
+
+            def parse(self, args=None, namespace=None, _original=original):
+                raise Parsed(_original(self, args, namespace))
+
+            m.setattr(argparse.ArgumentParser, name, parse)
         yield
 
 
