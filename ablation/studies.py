@@ -23,6 +23,7 @@ from typing import Any, Optional
 import yaml
 
 from models.dct import GRID, low_order, published_frequencies, two_step_criterion
+from models.registry import model_options
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET_DIR = REPO / "configs" / "ablation"
@@ -351,6 +352,14 @@ def build_plan(study: str, preset_name: str, seeds: Optional[int] = None, runs_r
         overrides.update(extra)
         if preset["grid_explicit"]:
             overrides["model.kwargs"] = dict(overrides.get("model.kwargs") or {}, grid=size)
+        if overrides.get("model.name") and isinstance(overrides.get("model.kwargs"), dict):
+            # The preset's model options are shared by the plain base network and the FCA fine-tunes; a model
+            # refuses the options it would ignore (reduction, grid, ... on a plain ResNet), so each run gets its own.
+            try:
+                taken = model_options(overrides["model.name"])
+            except ValueError:  # an unknown name: the trainer refuses it, naming the config key
+                taken = tuple(overrides["model.kwargs"])
+            overrides["model.kwargs"] = {k: v for k, v in overrides["model.kwargs"].items() if k in taken}
         overrides["train.epochs"] = int(epochs)
         overrides["seed"] = 0 if seed is None else int(seed)
         overrides["output_dir"] = str(run_dir)

@@ -61,12 +61,11 @@ def seed_everything(seed: int) -> None:
 
 def check_model_config(cfg: Config) -> None:
     """Refuse model options the chosen architecture would silently ignore (a frequency selection is only
-    meaningful for FcaNet, paper Sec. 3.3)."""
-    import models
-    from models.registry import MODELS
+    meaningful for FcaNet, paper Sec. 3.3; each family's options are listed in ``models.registry``)."""
+    from models import registry
 
     try:
-        spec = MODELS[models.registry.resolve_name(cfg.model.name)]
+        spec = registry.MODELS[registry.resolve_name(cfg.model.name)]
     except ValueError as e:
         raise ConfigError(f"config key 'model.name': {e}") from None
     if spec.attention != "fca":
@@ -77,6 +76,24 @@ def check_model_config(cfg: Config) -> None:
             key = "model.freq" if used[0] == "freq" and cfg.model.freq is not None else f"model.kwargs.{used[0]}"
             raise ConfigError(f"config key '{key}': {cfg.model.name} has no frequency channel attention, so "
                               f"{used[0]} would be ignored; remove it or use an fcanet* model")
+    for key, value in cfg.model.kwargs.items():
+        try:
+            registry.check_options(cfg.model.name, {key: value})
+        except ValueError as e:
+            raise ConfigError(f"config key 'model.kwargs.{key}': {e}") from None
+
+
+def model_kwargs(cfg: Config) -> dict:
+    """``create_model`` keyword arguments of the config: ``model.kwargs``, ``model.freq``, and ``input_size``
+    (default: ``data.image_size``) for the models that take it (FcaNet's DCT sizes)."""
+    from models import registry
+
+    kwargs = dict(cfg.model.kwargs)
+    if "input_size" in registry.model_options(cfg.model.name):
+        kwargs.setdefault("input_size", cfg.data.image_size)
+    if cfg.model.freq is not None:
+        kwargs["freq"] = cfg.model.freq
+    return kwargs
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -90,12 +107,8 @@ def _create_model(cfg: Config) -> nn.Module:
     """:func:`build_model` for a config already checked (the trainer checks it before owning the run dir)."""
     import models
 
-    kwargs = dict(cfg.model.kwargs)
-    kwargs.setdefault("input_size", cfg.data.image_size)
-    if cfg.model.freq is not None:
-        kwargs["freq"] = cfg.model.freq
     try:
-        return models.create_model(cfg.model.name, num_classes=cfg.model.num_classes, **kwargs)
+        return models.create_model(cfg.model.name, num_classes=cfg.model.num_classes, **model_kwargs(cfg))
     except (ValueError, TypeError, KeyError) as e:
         msg = str(e).strip("'\"").splitlines()[0]
         raise ConfigError(f"config key 'model': cannot build {cfg.model.name!r}: {msg}") from None
