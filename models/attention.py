@@ -448,14 +448,16 @@ class GSoP(ChannelAttention):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"GSoP dim must be a positive integer, got {dim!r}")
+        self.relu_in = nn.ReLU()  # not in place: x itself is rescaled
         self.reduce = nn.Conv2d(channels, dim, 1, stride=reduce_stride)
         self.reduce_bn = nn.BatchNorm2d(dim)
+        self.relu = nn.ReLU(inplace=True)
         self.row_bn = nn.BatchNorm2d(dim)
         self.row_conv = nn.Conv2d(dim, 4 * dim, (dim, 1), groups=dim)
         self.fc = nn.Conv2d(4 * dim, channels, 1)
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.relu(self.reduce_bn(self.reduce(F.relu(x))), inplace=True)  # (N, d, H', W')
+        z = self.relu(self.reduce_bn(self.reduce(self.relu_in(x))))  # (N, d, H', W')
         cov = covariance(z).unsqueeze(3)  # (N, d, d, 1): channel i of the BN/conv = row i
         y = self.row_conv(self.row_bn(cov))  # (N, 4d, 1, 1)
         return torch.sigmoid(self.fc(y)).to(x.dtype)  # (N, C, 1, 1)
