@@ -14,6 +14,7 @@ Presets are data: ``configs/ablation/<preset>.yaml``. Every run is one trainer i
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -277,6 +278,18 @@ def default_runs_root(preset: str, output: Optional[Path]) -> Path:
     return REPO / "runs" / "ablation" / preset
 
 
+@functools.lru_cache(maxsize=None)
+def config_model_name(config: str) -> Optional[str]:
+    """``model.name`` of a trainer config file (following ``_base_``), or None if it cannot be read (the trainer
+    then reports the file)."""
+    from engine.config import ConfigError, load_yaml_tree  # stdlib + yaml only: planning stays torch-free
+    try:
+        model = load_yaml_tree(REPO / config).get("model") or {}
+    except ConfigError:
+        return None
+    return model.get("name") if isinstance(model, dict) else None
+
+
 def check_base_checkpoint(path: str, run: Run) -> str:
     """Validate ``--base-checkpoint`` once, at planning: it must load, strictly, into the fine-tune network of
     ``run`` (the preset's architecture and classes) and hold no attention weights (the fine-tunes add fresh
@@ -352,11 +365,12 @@ def build_plan(study: str, preset_name: str, seeds: Optional[int] = None, runs_r
         overrides.update(extra)
         if preset["grid_explicit"]:
             overrides["model.kwargs"] = dict(overrides.get("model.kwargs") or {}, grid=size)
-        if overrides.get("model.name") and isinstance(overrides.get("model.kwargs"), dict):
+        model = overrides.get("model.name") or config_model_name(config)
+        if model and isinstance(overrides.get("model.kwargs"), dict):
             # The preset's model options are shared by the plain base network and the FCA fine-tunes; a model
             # refuses the options it would ignore (reduction, grid, ... on a plain ResNet), so each run gets its own.
             try:
-                taken = model_options(overrides["model.name"])
+                taken = model_options(model)
             except ValueError:  # an unknown name: the trainer refuses it, naming the config key
                 taken = tuple(overrides["model.kwargs"])
             overrides["model.kwargs"] = {k: v for k, v in overrides["model.kwargs"].items() if k in taken}
