@@ -81,7 +81,7 @@ class AttentionConfig:
         size = self.input_size
         for _ in range(STEM_STRIDE_LOG2[stem]):
             size = -(-size // 2)
-        for stride in strides[1:stage + 1]:
+        for stride in strides[:stage + 1]:
             size = -(-size // stride)
         return size
 
@@ -89,7 +89,7 @@ class AttentionConfig:
         """The DCT size of stage ``stage``: a multiple of S, so the grid's indices scale by ``size // S``."""
         s = self.selection_grid
         if self.grid is None and stem == "imagenet":
-            total = 4 * math.prod(strides[1:stage + 1])
+            total = 4 * math.prod(strides[:stage + 1])
             feature = self.input_size // total  # the historical formula (authors' table at 224)
             return s * max(1, feature // s)
         feature = self.stage_map(stage, stem, strides)
