@@ -36,6 +36,7 @@ class Family:
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """One registered name: its family's data (see :class:`Family`) and its depth's block and stage sizes."""
     family: str
     block: str
     layers: tuple[int, int, int, int]
@@ -87,7 +88,6 @@ ATTENTION_KWARGS = ("reduction", "freq", "dct_weights", "dct_init", "eca_kernel"
                     "gsop_dim")
 # ResNet options every family takes (keyword arguments of models.resnet.ResNet that are not set by the registry).
 RESNET_OPTIONS = ("widths", "zero_init_residual", "in_chans", "stem")
-RESNET_KWARGS = RESNET_OPTIONS  # former name
 
 
 def list_models(include_aliases: bool = False) -> list[str]:
@@ -115,7 +115,7 @@ def check_options(name: str, options: Any) -> None:
     option set to ``None`` ("the default") passes."""
     spec = MODELS[resolve_name(name)]
     given = [k for k, v in options.items() if v is not None]
-    unknown = sorted(set(given) - set(ATTENTION_KWARGS) - set(RESNET_OPTIONS))
+    unknown = sorted(set(options) - set(ATTENTION_KWARGS) - set(RESNET_OPTIONS))
     if unknown:
         raise ValueError(f"unknown model argument(s) {', '.join(unknown)} for {name!r}; "
                          f"valid: {', '.join(ATTENTION_KWARGS + RESNET_OPTIONS)}")

@@ -263,3 +263,14 @@ def test_trainer_refuses_an_option_the_model_ignores(tmp_path):
     with pytest.raises(ConfigError, match=r"model.kwargs.mlp_bias.*gcnet10 does not use option 'mlp_bias'"):
         fit(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_resnet_options_are_the_resnet_constructor_arguments_the_registry_does_not_set():
+    import inspect
+
+    from models.registry import RESNET_OPTIONS
+    from models.resnet import ResNet
+    set_by_registry = {"block", "layers", "attention", "num_classes", "strides", "attention_blocks"}
+    assert set(RESNET_OPTIONS) == set(inspect.signature(ResNet).parameters) - set_by_registry
+    with pytest.raises(ValueError, match="unknown model argument"):
+        create_model("resnet18", strides=(1, 1, 1, 1))  # placement and strides are registry data
