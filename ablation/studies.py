@@ -14,6 +14,7 @@ Presets are data: ``configs/ablation/<preset>.yaml``. Every run is one trainer i
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Any, Optional
 import yaml
 
 from models.dct import GRID, low_order, published_frequencies, two_step_criterion
+from models.registry import model_options
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET_DIR = REPO / "configs" / "ablation"
@@ -276,24 +278,16 @@ def default_runs_root(preset: str, output: Optional[Path]) -> Path:
     return REPO / "runs" / "ablation" / preset
 
 
-def used_model_options(overrides: dict, config: str) -> dict:
-    """``overrides`` without the ``model.kwargs`` its model would ignore: a preset's model options apply to the
-    runs whose model uses them (the plain base network has no attention, so no FCA grid or excitation
-    reduction), and the trainer refuses an option its model ignores."""
-    kwargs = overrides.get("model.kwargs")
-    if not isinstance(kwargs, dict) or not kwargs:
-        return overrides
-    from engine.config import ModelConfig, ignored_model_options, load_yaml_tree
-
-    name = overrides.get("model.name")
-    if name is None:
-        model = load_yaml_tree(REPO / config).get("model")
-        name = model.get("name", ModelConfig.name) if isinstance(model, dict) else ModelConfig.name
+@functools.lru_cache(maxsize=None)
+def config_model_name(config: str) -> Optional[str]:
+    """``model.name`` of a trainer config file (following ``_base_``), or None if it cannot be read (the trainer
+    then reports the file)."""
+    from engine.config import ConfigError, load_yaml_tree  # stdlib + yaml only: planning stays torch-free
     try:
-        ignored = ignored_model_options(str(name), kwargs)
-    except ValueError:  # an unknown model: the trainer's config check names it
-        return overrides
-    return dict(overrides, **{"model.kwargs": {k: v for k, v in kwargs.items() if k not in ignored}})
+        model = load_yaml_tree(REPO / config).get("model") or {}
+    except ConfigError:
+        return None
+    return model.get("name") if isinstance(model, dict) else None
 
 
 def check_base_checkpoint(path: str, run: Run) -> str:
@@ -371,7 +365,15 @@ def build_plan(study: str, preset_name: str, seeds: Optional[int] = None, runs_r
         overrides.update(extra)
         if preset["grid_explicit"]:
             overrides["model.kwargs"] = dict(overrides.get("model.kwargs") or {}, grid=size)
-        overrides = used_model_options(overrides, config)
+        model = overrides.get("model.name") or config_model_name(config)
+        if model and isinstance(overrides.get("model.kwargs"), dict):
+            # The preset's model options are shared by the plain base network and the FCA fine-tunes; a model
+            # refuses the options it would ignore (reduction, grid, ... on a plain ResNet), so each run gets its own.
+            try:
+                taken = model_options(model)
+            except ValueError:  # an unknown name: the trainer refuses it, naming the config key
+                taken = tuple(overrides["model.kwargs"])
+            overrides["model.kwargs"] = {k: v for k, v in overrides["model.kwargs"].items() if k in taken}
         overrides["train.epochs"] = int(epochs)
         overrides["seed"] = 0 if seed is None else int(seed)
         overrides["output_dir"] = str(run_dir)

@@ -74,8 +74,11 @@ def model_arguments(cfg: Config) -> dict:
     """``models.create_model``'s arguments for ``cfg`` (``name``, ``num_classes``, ``kwargs``; ``input_size``
     defaults to ``data.image_size``). Checkpoints store them, so a model can be rebuilt from its file alone
     (``models.load_checkpoint``)."""
+    from models import registry
+
     kwargs = dict(cfg.model.kwargs)
-    kwargs.setdefault("input_size", cfg.data.image_size)
+    if "input_size" in registry.model_options(cfg.model.name):  # the models whose sizes derive from it (FCA)
+        kwargs.setdefault("input_size", cfg.data.image_size)
     if cfg.model.freq is not None:
         kwargs["freq"] = cfg.model.freq
     return {"name": cfg.model.name, "num_classes": cfg.model.num_classes, "kwargs": kwargs}

@@ -297,21 +297,16 @@ def _build(cls: type, raw: Any, prefix: str = "") -> Any:
 # ----------------------------------------------------------------------------------------------------
 # Model options: model.name, model.freq and model.kwargs are models.create_model's arguments.
 
-# The attention options (models.registry.ATTENTION_KWARGS) each attention kind (ModelSpec.attention) reads; a
-# model ignores the others. input_size (the image size FCA's DCT sizes derive from) is set for every model.
-ATTENTION_OPTIONS = {"none": (), "se": ("reduction",), "eca": ("eca_kernel",),
-                     "fca": ("reduction", "freq", "dct_weights", "dct_init", "grid")}
-_KIND_NAMES = {"se": "SE", "eca": "ECA", "fca": "frequency channel"}
+_KIND_NAMES = {"se": "SE", "eca": "ECA", "fca": "frequency channel", "cbam": "CBAM", "gc": "GC", "gsop": "GSoP"}
 
 
 def ignored_model_options(name: str, options: dict) -> list[str]:
-    """The keys of ``options`` (``create_model`` keyword arguments) that model ``name`` would ignore (its
-    attention kind does not read them). ``name`` must be a registered model."""
+    """The keys of ``options`` (``create_model`` keyword arguments) that model ``name`` would ignore: attention
+    options its family does not take (``models.registry.FAMILIES``). ``input_size`` (the image size FCA's DCT
+    sizes derive from) is set for every model. ``name`` must be a registered model."""
     from models import registry
 
-    used = ATTENTION_OPTIONS.get(registry.MODELS[registry.resolve_name(name)].attention)
-    if used is None:  # an attention kind this table does not describe: the model's constructor decides
-        return []
+    used = registry.MODELS[registry.resolve_name(name)].options
     return [k for k in options if k in registry.ATTENTION_KWARGS and k != "input_size" and k not in used]
 
 
@@ -325,7 +320,7 @@ def _check_model(cfg: Config) -> None:
         registry.resolve_name(m.name)
     except ValueError as e:
         raise ConfigError(f"config key 'model.name': {e}") from None
-    valid = registry.ATTENTION_KWARGS + registry.RESNET_KWARGS
+    valid = registry.ATTENTION_KWARGS + registry.RESNET_OPTIONS
     for k in m.kwargs:
         if k not in valid:
             close = difflib.get_close_matches(str(k), valid, n=1)
@@ -338,11 +333,13 @@ def _check_model(cfg: Config) -> None:
     ignored = ignored_model_options(m.name, options)
     if ignored:
         k = ignored[0]
-        kinds = [kind for kind, used in ATTENTION_OPTIONS.items() if k in used]
-        families = [f"{fam}*" for fam, kind in registry.FAMILIES.items() if kind in kinds]
+        takers = [fam for fam, spec in registry.FAMILIES.items() if k in spec.options]
+        kinds = list(dict.fromkeys(_KIND_NAMES.get(registry.FAMILIES[f].attention, registry.FAMILIES[f].attention)
+                                   for f in takers))
+        kinds_text = " or ".join(kinds) if len(kinds) < 3 else ", ".join(kinds[:-1]) + " or " + kinds[-1]
         raise ConfigError(f"config key '{'model.freq' if k == 'freq' else f'model.kwargs.{k}'}': {m.name} has no "
-                          f"{' or '.join(_KIND_NAMES[kind] for kind in kinds)} attention, so {k} would be ignored; "
-                          f"remove it or choose a model that has it ({', '.join(families)})")
+                          f"{kinds_text} attention, so {k} would be ignored; remove it or choose a model that has it "
+                          f"({', '.join(f'{f}*' for f in takers)})")
     if m.freq is not None:
         try:
             parse_frequencies(m.freq, grid=int(m.kwargs.get("grid") or GRID))

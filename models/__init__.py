@@ -1,24 +1,34 @@
-"""FcaNet model zoo: ResNet-18/34/50/101/152 with none/SE/ECA/FCA channel attention.
+"""FcaNet model zoo: ResNet-10/18/34/50/101/152 with none/SE/ECA/FCA/CBAM/GC/GSoP attention.
 
-Public API: :func:`create_model`, :func:`list_models`, :func:`load_weights`, :func:`load_checkpoint` (a model
-rebuilt from one of the trainer's checkpoints alone).
+Public API: :func:`create_model`, :func:`list_models`, :func:`model_options`, :func:`load_weights`,
+:func:`load_checkpoint` (a model rebuilt from one of the trainer's checkpoints alone), :func:`register_timm`.
 
-The names are loaded on first use (PEP 562), so ``import models.dct`` (the frequency orders, used by the
-ablation planner) does not import torch or timm. Importing this package makes ``timm.create_model('fcanet50')``
-work: the models are registered with timm as soon as timm is imported (now if it already is, otherwise by a
-one-shot import hook when it is), instead of importing timm (about 2 s) on every start.
+The names are loaded on first use (PEP 562), so ``import models`` (and ``import models.dct``, the frequency orders
+the ablation planner uses) imports neither torch nor timm. ``timm.create_model('fcanet50')`` works after
+:func:`register_timm`.
 """
 from __future__ import annotations
 
 import importlib
 
 _API = {"create_model": "registry", "list_models": "registry", "count_params": "registry",
+        "model_options": "registry",
         "load_weights": "weights", "read_state_dict": "weights", "LoadReport": "weights",
         "load_checkpoint": "from_checkpoint",
         "ResNet": "resnet", "AttentionConfig": "resnet",
-        "SE": "attention", "ECA": "attention", "FCA": "attention", "DCTPooling": "attention"}
-__all__ = ["create_model", "list_models", "load_weights", "load_checkpoint", "read_state_dict", "count_params",
-           "LoadReport", "ResNet", "AttentionConfig", "SE", "ECA", "FCA", "DCTPooling"]
+        "SE": "attention", "ECA": "attention", "FCA": "attention", "DCTPooling": "attention",
+        "CBAM": "attention", "GlobalContext": "attention", "GSoP": "attention"}
+__all__ = ["create_model", "list_models", "model_options", "load_weights", "load_checkpoint", "read_state_dict", "count_params",
+           "LoadReport", "ResNet", "AttentionConfig", "SE", "ECA", "FCA", "DCTPooling", "CBAM", "GlobalContext",
+           "GSoP", "register_timm"]
+
+
+def register_timm() -> list[str]:
+    """Register every attention family (``fcanet*``, ``senet*``, ``ecanet*``, ``cbam*``, ``gcnet*``,
+    ``gsopnet*``) with timm's model registry, so that ``timm.create_model('fcanet50')`` builds ours. Imports
+    timm; idempotent (returns the names this call added: none the second time); never shadows a timm model."""
+    from ._timm import register
+    return register()
 
 
 def __getattr__(name: str):
@@ -31,10 +41,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_API))
-
-
-# ``timm.create_model('fcanet50')`` works once both this package and timm are imported, in either order;
-# neither timm nor torch is imported here.
-from ._timm import install_import_hook as _install_timm_hook  # noqa: E402
-
-_install_timm_hook()

@@ -6,8 +6,11 @@ Measured side by side in one run (interleaved rounds, median):
    (``models.attention.DCTPooling``, the ``FCA`` squeeze) and the paper's Fig. 3 formulation
    ``y = torch.sum(x * dct_weight, dim=[2, 3])`` with a full C x H x W weight (written below: the thing
    we compare against);
-2. whole attention modules: ``SE``, ``FCA`` (ours) and FCA with the Fig. 3 pooling swapped in;
-3. a training step of ResNet-50, SENet-50 and FcaNet-50 (the ``train`` benchmark's step: SGD + CE).
+2. whole attention modules: ``SE``, ``FCA`` (ours), FCA with the Fig. 3 pooling swapped in, and the other
+   attention modules of the zoo (``CBAM``, the ``GlobalContext`` block of GCNet, ``GSoP``), each at the stage's
+   shape with its Table 2 settings;
+3. a training step of ResNet-50, SENet-50, FcaNet-50, CBAM-50, GCNet-50 and GSoP-Net1-50 (the ``train``
+   benchmark's step: SGD + CE), with FcaNet-50's throughput against each.
 
 Forward+backward time (gradient w.r.t. the input, as inside a network) and peak memory of one
 forward+backward beyond the live input and output gradient. Peak memory: on CUDA,
@@ -25,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from models.attention import FCA, SE
+from models.attention import CBAM, FCA, SE, GlobalContext, GSoP
 from models.dct import parse_frequencies
 
 from .common import (BenchError, device_args, interleaved_rates, interleaved_step_times, machine_description,
@@ -136,6 +139,11 @@ def bench_stage(c: int, h: int, w: int, args, device: torch.device, dtype: torch
         ("module", "SE"): se,
         ("module", "FCA with Fig. 3 pooling"): ref,
         ("module", "FCA (ours)"): fca,
+        ("module", "CBAM"): CBAM(c).to(device, dtype),
+        ("module", "GC block (GCNet)"): GlobalContext(c).to(device, dtype),
+        # GSoP reduces a first-stage map with stride 2 (the official rule); in GSoP-Net1 only a stage's last block
+        # has one, and its last stage runs at twice the resolution shown here.
+        ("module", "GSoP"): GSoP(c, reduce_stride=2 if c == STAGES[0][0] else 1).to(device, dtype),
     }
     with torch.no_grad():  # same numbers: ours vs the Fig. 3 reference
         err = (fca.dct_layer(x) - ref.dct_layer(x)).abs().max().item()
@@ -198,6 +206,9 @@ def bench_models(args, device: torch.device) -> tuple[str, dict]:
     builders = {"resnet50": lambda: create_model("resnet50", num_classes=args.num_classes),
                 "senet50": lambda: create_model("senet50", num_classes=args.num_classes),
                 "fcanet50": lambda: create_model("fcanet50", num_classes=args.num_classes),
+                "cbam50": lambda: create_model("cbam50", num_classes=args.num_classes),
+                "gcnet50": lambda: create_model("gcnet50", num_classes=args.num_classes),
+                "gsopnet50": lambda: create_model("gsopnet50", num_classes=args.num_classes),
                 "fcanet50 (Fig. 3 pooling)": lambda: with_fig3_pooling(
                     create_model("fcanet50", num_classes=args.num_classes)),
                 "fcanet50 (scale, then add)": lambda: with_unfused_residual(
@@ -216,10 +227,11 @@ def bench_models(args, device: torch.device) -> tuple[str, dict]:
                                    args.rounds, args.steps, label="model round")
     med = {n: statistics.median(times[n]) for n in names}
     rows = [[n, f"{med[n] * 1e3:.1f}", f"{args.model_batch / med[n]:.2f}", f"{med['resnet50'] / med[n]:.3f}",
-             f"{med['senet50'] / med[n]:.3f}", f"{peaks[n] / 2**20:.0f}", f"{peaks[n] / peaks['fcanet50']:.3f}"]
+             f"{med['senet50'] / med[n]:.3f}", f"{med[n] / med['fcanet50']:.3f}", f"{peaks[n] / 2**20:.0f}",
+             f"{peaks[n] / peaks['fcanet50']:.3f}"]
             for n in names]
     table = md_table(["model", "ms/step (median)", "img/s", "throughput vs ResNet-50", "throughput vs SENet-50",
-                      "step peak MiB", "peak vs FcaNet-50 (ours)"], rows)
+                      "FcaNet-50 throughput vs this", "step peak MiB", "peak vs FcaNet-50 (ours)"], rows)
     per_round = [s / f for s, f in zip(times["senet50"], times["fcanet50"])]
     return table, {"fca_vs_se": med["senet50"] / med["fcanet50"], "per_round": per_round,
                    "fig3_speed": med["fcanet50 (Fig. 3 pooling)"] / med["fcanet50"],

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 from typing import Optional, Sequence
 
 from . import attention, data, gpu, train, trainer
@@ -40,6 +42,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.argv = argv
     if args.quick and args.quick_overrides is not None:
         args.quick_overrides(args)
+    if args.quick and args.out is None:  # smoke figures never replace the committed reports under results/
+        args.out = str(Path(tempfile.gettempdir()) / "fcanet_bench_quick" / f"{args.command}.md")
     try:
         args.run(args)
     except BenchError as e:

@@ -273,7 +273,8 @@ def setup_threads(threads: int) -> None:
 def report_args() -> argparse.ArgumentParser:
     """``--out`` and ``--quick`` (every sub-command)."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--out", default=None, help="report path (default results/benchmarks/<command>.md)")
+    p.add_argument("--out", default=None, help="report path (default results/benchmarks/<command>.md; with --quick, "
+                   "<temp dir>/fcanet_bench_quick/<command>.md)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (figures meaningless)")
     return p
 

@@ -1,11 +1,13 @@
 """``gpu``: the GPU figures side by side in one process, in at most ~8 minutes on one H100/H200.
 
 1. **Training step** img/s (synthetic uint8 batch already on the device, SGD + label-smoothed CE, bf16 autocast,
-   channels_last) of ResNet/SENet/ECANet/FcaNet-50 (ours), torchvision ``resnet50`` and timm ``seresnet50``
+   channels_last) of ResNet/SENet/ECANet/FcaNet/CBAM/GCNet/GSoP-Net1-50 (ours), torchvision ``resnet50`` and
+   timm ``seresnet50``
    (when installed), eager at every ``--batches`` size, and ``torch.compile``-d (``--compile-models``) at the
    largest batch; all variants interleaved round by round; compile warm-up time (first compiled step).
 2. **Pooling and module per ResNet-50 stage** (the ``attention`` benchmark's table): GAP vs our DCT pooling vs
-   the paper's Fig. 3 ``sum(x * w)``, and FCA vs SE vs FCA-with-Fig. 3 modules, forward + backward.
+   the paper's Fig. 3 ``sum(x * w)``, and FCA vs SE vs FCA-with-Fig. 3 vs CBAM/GC/GSoP modules, forward +
+   backward.
 3. **Whole trainer** (``engine.trainer.fit``): FcaNet-50 and ResNet-50 on synthetic data, and on real JPEGs
    (scikit-learn's two sample photos re-encoded at ``--sizes``) with ``data.pipeline`` fast vs gpu, plus the
    torchvision reference loop (ImageFolder + PIL + torchvision transforms) on the same files.
@@ -34,7 +36,7 @@ from .common import (BenchError, device_args, interleaved_step_times, jpeg_args,
 from .trainer import our_trainer_run, reference_recipe_run
 
 NEEDS_CUDA = "needs CUDA"
-OURS = ("resnet50", "senet50", "ecanet50", "fcanet50")
+OURS = ("resnet50", "senet50", "ecanet50", "fcanet50", "cbam50", "gcnet50", "gsopnet50")
 
 
 class Budget:
@@ -59,10 +61,13 @@ class Budget:
 # ------------------------------------------------------------------------------------------ 1. steps
 def _builders(args) -> dict[str, Callable[[], torch.nn.Module]]:
     """name -> model constructor; external references only where their package is installed."""
-    from models import create_model
+    from models import create_model, model_options
     kw = {"num_classes": args.num_classes, **({"widths": args.widths} if args.widths else {})}
+
+    def size(n: str) -> dict:  # the DCT sizes of FcaNet follow the input size; the other models take no such option
+        return {"input_size": args.image_size} if "input_size" in model_options(n) else {}
     out: dict[str, Callable[[], torch.nn.Module]] = {
-        n: (lambda n=n: create_model(n, input_size=args.image_size, **kw)) for n in OURS}
+        n: (lambda n=n: create_model(n, **size(n), **kw)) for n in OURS}
     if not args.widths:  # the external models have the standard widths only
         import torchvision
         out["torchvision resnet50"] = lambda: torchvision.models.resnet50(weights=None, num_classes=args.num_classes)
@@ -133,10 +138,11 @@ def bench_steps(args, device: torch.device, budget: Budget) -> tuple[str, dict[s
             base = "resnet50 compiled" if compiled and "resnet50 compiled" in med else "resnet50"
             eager_twin = n[: -len(" compiled")] if compiled else None
             rows.append([n, f"{med[n]:.0f}", f"{min(ips[n]):.0f}-{max(ips[n]):.0f}", f"{med[n] / med[base]:.3f} "
-                         f"(vs {base})", f"{med[n] / med['senet50']:.3f}" if n == "fcanet50" else "",
+                         f"(vs {base})", f"{med['fcanet50'] / med[n]:.3f}" if not compiled and "fcanet50" in med
+                         else "",
                          f"{med[n] / med[eager_twin]:.2f}x" if compiled else "",
                          f"{warm[n]:.1f}" if n in warm else "", f"{peak[n] / 2**20:.0f}" if n in peak else ""])
-        table = md_table(["model", "img/s (median)", "min-max", "vs ResNet-50", "FcaNet / SENet-50 (eager)",
+        table = md_table(["model", "img/s (median)", "min-max", "vs ResNet-50", "FcaNet-50 / this (eager)",
                           "compiled / eager", "compile warm-up s", "peak MiB"], rows)
         checks = []
         if "fcanet50" in med and "senet50" in med:

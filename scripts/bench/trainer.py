@@ -20,8 +20,10 @@ from .common import (ROOT, BenchError, device_args, jpeg_args, machine_descripti
 # --------------------------------------------------------------------------------------------- trainer
 def model_kwargs(args) -> dict:
     """Model options shared by both sides (``--widths``: a small network, so the input pipeline, not the
-    model, bounds the step on CPU, as on a GPU node)."""
-    return {"input_size": args.image_size, **({"widths": list(args.widths)} if args.widths else {})}
+    model, bounds the step on CPU, as on a GPU node; ``input_size`` for the models that take it)."""
+    from models import model_options
+    size = {"input_size": args.image_size} if "input_size" in model_options(args.model) else {}
+    return {**size, **({"widths": list(args.widths)} if args.widths else {})}
 
 
 def reference_recipe_run(root: Path, args, device: torch.device, epochs: int) -> list[tuple[int, float]]:

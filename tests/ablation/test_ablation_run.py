@@ -252,8 +252,9 @@ def test_bad_base_checkpoint_fails_once_at_planning(tmp_path):
     junk.write_bytes(os.urandom(256))
     fca = tmp_path / "fca.pth"
     import models
-    kw = dict(widths=[16, 16, 32, 32], input_size=32, stem="cifar", grid=4, reduction=4)
-    torch.save(models.create_model("fcanet10", num_classes=10, freq=[[0, 0]], **kw).state_dict(), fca)
+    kw = dict(widths=[16, 16, 32, 32], stem="cifar")
+    fca_kw = dict(kw, input_size=32, grid=4, reduction=4)
+    torch.save(models.create_model("fcanet10", num_classes=10, freq=[[0, 0]], **fca_kw).state_dict(), fca)
     classes = tmp_path / "r5.pth"
     torch.save({"model": models.create_model("resnet10", num_classes=5, **kw).state_dict()}, classes)
     good = tmp_path / "r10.pth"

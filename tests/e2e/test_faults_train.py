@@ -345,10 +345,9 @@ def _foreign_files(folder: Path, marker: Path) -> dict[str, Path]:
     return files
 
 
+UNSAFE = "contains non-tensor Python objects (e.g. io.open); refused as unsafe (unpickling it could run code)"
 EXPECTED = {"random": "is not a PyTorch checkpoint", "empty": "is empty, not a PyTorch checkpoint",
-            "pickle": "contains non-tensor Python objects (e.g. io.open); refusing to unpickle untrusted code",
-            "torch_pickle": "contains non-tensor Python objects (e.g. io.open); refusing to unpickle untrusted code",
-            "truncated": "is truncated or corrupt"}
+            "pickle": UNSAFE, "torch_pickle": UNSAFE, "truncated": "is truncated or corrupt"}
 
 
 def test_checkpoint_garbage_and_foreign_pickles_in_process(tmp_path):

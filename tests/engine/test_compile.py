@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import create_model
+from models import create_model, model_options
 from models.attention import ECA, FCA, SE, DCTPooling, attend_add
 from models.resnet import AttentionConfig, Bottleneck, ResNet
 
@@ -100,23 +100,25 @@ def test_compile_matches_eager_inductor_fcanet():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fcanet50", "senet50", "ecanet50", "resnet50"])
+@pytest.mark.parametrize("name", ["fcanet50", "senet50", "ecanet50", "resnet50", "cbam50", "gcnet50", "gsopnet50"])
 def test_registered_models_trace_without_graph_breaks(name):
     """Every family captures as one graph (no graph break in the attention), at full depth."""
-    model = create_model(name, num_classes=5, widths=(16, 16, 16, 16), input_size=32)
+    size = {"input_size": 32} if "input_size" in model_options(name) else {}
+    model = create_model(name, num_classes=5, widths=(16, 16, 16, 16), **size)
     x = torch.randn(2, 3, 32, 32)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("kind", ["fca", "se", "eca"])
+@pytest.mark.parametrize("kind,channels_last", [
+    (kind, cl) for kind in ("fca", "se", "eca") for cl in (False, True)] + [
+    ("cbam", False), ("gsop", False), ("gc", False), ("gc", True)])  # GC reads channels_last maps differently
 def test_compile_block_matches_eager(kind, channels_last):
     """The fast guard: one bottleneck block (attention, fused residual add, in-place ReLU) compiled with
     ``aot_eager``, training forward + backward, equals eager."""
     torch.manual_seed(0)
-    cfg = AttentionConfig(kind=kind, input_size=32)
+    cfg = AttentionConfig(kind=kind, input_size=32, gsop_dim=8)
     down = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 1, bias=False), torch.nn.BatchNorm2d(32))
     block = Bottleneck(16, 8, 1, down, cfg.build(32, 1))
     mf = torch.channels_last if channels_last else torch.contiguous_format

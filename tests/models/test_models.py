@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 import models
-from models import create_model, list_models, load_weights
+from models import create_model, list_models, load_weights, model_options
 from models.attention import FCA, DCTPooling, eca_kernel_size
 from models.dct import (PUBLISHED_ORDERS, dct_1d, dct_2d, parse_frequencies, rank_frequencies,
                         scale_frequencies, two_step_criterion)
@@ -138,11 +138,28 @@ def test_eca_adaptive_kernel_sizes():
 
 
 # ---------------------------------------------------------------- whole models
-@pytest.mark.parametrize("name", list_models())
+def tiny_kwargs(name, **extra):
+    """TINY plus small attention options, each only where the model takes it (others are refused)."""
+    # reduction 4 so the tiny excitation heads have several hidden units (one can be a dead ReLU)
+    options = dict(TINY, reduction=4, gsop_dim=8, **extra)
+    return {k: v for k, v in options.items() if k in model_options(name)}
+
+
+# The families added after the paper's own rows run at the depths whose code paths differ (basic/bottleneck blocks,
+# one or several blocks per stage); their deeper variants are built by tests/models/test_attention_plugins.py.
+NEW_FAMILIES = ("cbam", "gcnet", "gsopnet")
+FAST_MODELS = [n for n in list_models() if not n.startswith(NEW_FAMILIES) or n[len(n.rstrip("0123456789")):] in
+               ("10", "18", "50")]
+
+
+@pytest.mark.parametrize("name", FAST_MODELS)
 def test_every_model_runs_and_backprops(name):
     torch.manual_seed(0)
-    # reduction 4 so the tiny excitation heads have several hidden units (one can be a dead ReLU)
-    model = create_model(name, num_classes=10, reduction=4, **TINY)
+    model = create_model(name, num_classes=10, **tiny_kwargs(name))
+    with torch.no_grad():  # layers initialised at zero (GC's last conv, CBAM's spatial BN scale) block the
+        for p in model.parameters():  # gradient of what precedes them at step 0: give them values
+            if p.dim() and not p.any():
+                p.normal_(0, 0.1)
     x = torch.randn(2, 3, 64, 64)
     out = model(x)
     assert out.shape == (2, 10) and torch.isfinite(out).all()
@@ -251,9 +268,9 @@ def test_loads_authors_checkpoint_layout(prefix, wrapped, tmp_path):
 
 
 def test_attention_model_from_plain_resnet_reports_new_keys():
-    plain = create_model("resnet18", num_classes=10, **TINY)
-    for name in ("senet18", "ecanet18", "fcanet18"):
-        model = create_model(name, num_classes=10, **TINY)
+    plain = create_model("resnet18", num_classes=10, widths=TINY["widths"])
+    for name in ("senet18", "ecanet18", "fcanet18", "cbam18", "gcnet18", "gsopnet18"):
+        model = create_model(name, num_classes=10, **tiny_kwargs(name))
         report = load_weights(model, plain.state_dict())
         att_keys = sorted(k for k in model.state_dict() if ".att." in k)
         assert sorted(report.new) == att_keys and att_keys
@@ -262,8 +279,8 @@ def test_attention_model_from_plain_resnet_reports_new_keys():
 
 
 def test_load_errors_are_clear(tmp_path):
-    model = create_model("resnet18", num_classes=10, **TINY)
-    other = create_model("resnet18", num_classes=5, **TINY)
+    model = create_model("resnet18", num_classes=10, widths=TINY["widths"])
+    other = create_model("resnet18", num_classes=5, widths=TINY["widths"])
     with pytest.raises(ValueError, match=r"shape mismatch for fc.weight"):
         load_weights(model, other.state_dict())
     report = load_weights(model, other.state_dict(), ignore=("fc.",))
@@ -296,8 +313,13 @@ def test_bad_model_arguments():
 
 def test_timm_and_hub_entrypoints():
     import timm
+    models.register_timm()
     model = timm.create_model("fcanet18", num_classes=3, widths=(16, 32, 64, 128), input_size=64)
     assert isinstance(model, models.ResNet) and model.fc.out_features == 3
+    for name in ("cbam50", "gcnet101", "gsopnet50"):
+        assert timm.is_model(name)
+    gsop = timm.create_model("gsopnet18", num_classes=3, widths=(16, 32, 64, 128), gsop_dim=8)
+    assert gsop.attention.kind == "gsop" and gsop.strides == (1, 2, 2, 1)
     hub = torch.hub.load(str(Path(__file__).resolve().parents[2]), "fcanet18", source="local", num_classes=3,
                          widths=(16, 32, 64, 128))
     assert isinstance(hub, models.ResNet) and hub.attention.kind == "fca"
@@ -305,11 +327,11 @@ def test_timm_and_hub_entrypoints():
 
 def test_loads_released_eca_layout_old_bn_and_half_precision_checkpoints():
     torch.manual_seed(0)
-    src = create_model("ecanet18", num_classes=10, **TINY).eval()
+    src = create_model("ecanet18", num_classes=10, widths=TINY["widths"]).eval()
     # BangguWu/ECANet names the attention module `eca`; pre-0.4.1 checkpoints lack num_batches_tracked
     eca_layout = {k.replace(".att.", ".eca."): v for k, v in src.state_dict().items()
                   if not k.endswith("num_batches_tracked")}
-    dst = create_model("ecanet18", num_classes=10, **TINY).eval()
+    dst = create_model("ecanet18", num_classes=10, widths=TINY["widths"]).eval()
     report = load_weights(dst, {"state_dict": eca_layout})
     assert report.unexpected == [] and all(k.endswith("num_batches_tracked") for k in report.new)
     assert torch.equal(dst.layer1[0].att.conv.weight, src.layer1[0].att.conv.weight)
