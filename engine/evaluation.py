@@ -12,7 +12,7 @@ from engine.config import Config, ConfigError
 from engine.data.errors import DataError
 from engine.data.datasets import ExactEvalBatchSampler
 from engine.data.pipeline import build_datasets, make_loader
-from engine.data.loader import DevicePrefetcher
+from engine.data.loader import DevicePrefetcher, shutdown_workers
 from engine.meter import Meter
 from engine.progress import Progress
 
@@ -82,8 +82,11 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, allow_new: bool = False) -
         loader = make_loader(val_set, ExactEvalBatchSampler(len(val_set), bs, info.world_size, info.rank),
                              cfg.data.workers, info.device)
         t0 = time.time()
-        out = evaluate(model, loader, info.device, cfg.train.amp, cfg.train.channels_last,
-                       desc="eval" if (info.is_main and cfg.train.progress) else None)
+        try:
+            out = evaluate(model, loader, info.device, cfg.train.amp, cfg.train.channels_last,
+                           desc="eval" if (info.is_main and cfg.train.progress) else None)
+        finally:
+            shutdown_workers(loader)
         out.update({"checkpoint": str(checkpoint), "model": cfg.model.name, "world_size": info.world_size,
                     "time_s": time.time() - t0, "is_main": info.is_main})
         return out

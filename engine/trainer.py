@@ -30,7 +30,7 @@ from engine.builders import (DataBundle, Optimization, Wrapped, build_data, buil
 from engine.config import Config, ConfigError, diff_configs, dump_config
 from engine.data.errors import DataError
 from engine.evaluation import AMP_DTYPES, evaluate, evaluate_checkpoint
-from engine.data.loader import DevicePrefetcher
+from engine.data.loader import DevicePrefetcher, shutdown_workers
 from engine.meter import Meter, MeterReading
 from engine.preemption import Preemption
 from engine.progress import Progress, log_line
@@ -505,6 +505,9 @@ class Trainer:
             output_dir=str(self.run_dir))
 
     def close(self) -> None:
+        """Stop the loaders' worker processes (on every way out, errors included) and close the writer."""
+        for loader in (self.data.train_loader, self.data.val_loader):
+            shutdown_workers(loader)
         if self.writer is not None:
             self.writer.close()
             self.writer = None

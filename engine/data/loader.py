@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -37,13 +38,51 @@ def default_workers(local_world_size: int = 1) -> int:
     return max(1, available_cpus() // local_world_size - 1)
 
 
-def _ignore_preemption_signals(worker_id: int) -> None:
-    """Slurm sends SIGTERM/SIGUSR1 to every process of the job step, workers included. A worker dying of
-    it would make the main process raise "DataLoader worker killed" before it can checkpoint; the
-    trainer handles the signal, and workers still exit when their parent does (PyTorch's watchdog)."""
-    for name in ("SIGTERM", "SIGUSR1"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n))
+
+
+def _await_parent_stop(parent: int) -> None:
+    """A worker's signal thread: take the blocked stop signals; exit at once on a SIGTERM from the parent
+    process (``Process.terminate``: multiprocessing's exit hook or the DataLoader's shut-down), ignore the rest
+    (Slurm, ``scancel``, ``kill`` of the job's processes)."""
+    while True:
+        info = signal.sigwaitinfo(set(_STOP_SIGNALS))
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            os._exit(0)
+
+
+def _worker_init(worker_id: int) -> None:
+    """``worker_init_fn`` of every DataLoader built here: the stop signals of a preemption must not kill the
+    workers, yet the parent must always be able to stop them.
+
+    Slurm sends SIGTERM/SIGUSR1 to every process of the job step, workers included. A worker dying of it would
+    make the main process raise "DataLoader worker killed" before it can checkpoint; the trainer handles the
+    signal. But multiprocessing stops its daemon children with SIGTERM at interpreter exit and then joins them
+    without a timeout: a worker that ignored every SIGTERM hung the process forever after an error. So on Linux
+    the stop signals are blocked and a thread takes them (``sigwaitinfo`` tells the sender): SIGTERM from the
+    parent ends the worker, any other is ignored. Elsewhere they are ignored; a worker then still exits when
+    its parent has gone (PyTorch's watchdog) or its shut-down is asked for (:func:`shutdown_workers`)."""
+    if hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask"):
+        # Blocked before any other thread starts: threads created later inherit the mask, so only the signal
+        # thread ever receives these signals.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        threading.Thread(target=_await_parent_stop, args=(os.getppid(),), name="worker-stop-signals",
+                         daemon=True).start()
+    else:  # pragma: no cover - not Linux
+        for s in _STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
+def shutdown_workers(loader: Any) -> None:
+    """Stop ``loader``'s persistent worker processes now (no-op without workers). For the error paths: a
+    persistent iterator is otherwise only shut down when the DataLoader is garbage-collected, which at
+    interpreter exit PyTorch skips, leaving the workers to multiprocessing's exit hook."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None:
+        loader._iterator = None
+        stop = getattr(it, "_shutdown_workers", None)
+        if stop is not None:
+            stop()
 
 
 def build_dataloader(dataset: Dataset, batch_size: Optional[int] = None, sampler: Optional[Sampler] = None,
@@ -75,7 +114,7 @@ def build_dataloader(dataset: Dataset, batch_size: Optional[int] = None, sampler
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor,  # workers run 1 thread each
-                      worker_init_fn=_ignore_preemption_signals)
+                      worker_init_fn=_worker_init)
     if batch_sampler is not None:
         kwargs["batch_sampler"] = batch_sampler
     else:
