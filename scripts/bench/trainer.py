@@ -149,7 +149,7 @@ def run(args) -> None:
             "Normalize) + DataLoader(shuffle, pin_memory on CUDA) + the same model, SGD and loss, `loss.item()` "
             "every step.\n\n" + table)
     print("\n" + body)
-    write_report(args.out, "trainer.md", "Whole trainer vs the torchvision reference recipe", machine, body, args.argv)
+    write_report(args, "trainer.md", "Whole trainer vs the torchvision reference recipe", machine, body)
 
 
 def parse_widths(text: str) -> list[int]:
