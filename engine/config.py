@@ -70,6 +70,8 @@ class TrainConfig:
     label_smoothing: float = _f(0.1, min=0.0)
     channels_last: bool = _f(False)
     compile: bool = _f(False)
+    # cuDNN autotuning of convolution algorithms (torch.backends.cudnn.benchmark; CUDA only, no effect on CPU).
+    cudnn_benchmark: bool = _f(True)
     sync_bn: bool = _f(False)
     checkpoint_every_steps: int = _f(0, min=0, help="mid-epoch checkpoint period (0: only at epoch ends)")
     log_every_steps: int = _f(50, min=1, help="metrics are reduced (host sync) every N steps")

@@ -39,6 +39,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "off", c
             if x is None:  # a batch of only unreadable images (data.skip_corrupt)
                 meter.add_skipped(skipped)
                 continue
+            # A compiled model compiles one graph for every batch size (the last partial batch included)
+            torch._dynamo.maybe_mark_dynamic(x, 0)
             with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16), enabled=amp != "off"):
                 logits = model(x)
             loss = crit(logits.float(), y)
@@ -75,6 +77,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, allow_new: bool = False) -
                               f"{cfg.model.name} (e.g. {report.new[0]}): evaluating fresh attention is meaningless; "
                               "check model.name")
         model.to(info.device)
+        if info.device.type == "cuda":
+            torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
         if cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
         _, val_set = build_datasets(cfg, cfg.model.num_classes, need_train=False)
