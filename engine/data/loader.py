@@ -5,7 +5,11 @@
 * :func:`build_dataloader`: a ``DataLoader`` with the settings that keep the input pipeline off the critical
   path: ``pin_memory`` only when the target device is CUDA, persistent workers, a deeper prefetch queue,
   one intra-op thread per worker (PyTorch's default in workers). The trainer's entry point,
-  :func:`engine.data.make_loader`, adds its batch samplers and collate function.
+  :func:`engine.data.make_loader`, adds its batch samplers and collate function. Its workers survive a
+  preemption's SIGTERM but end on their parent's (:func:`_worker_init`).
+* :func:`shutdown_workers`: stop a loader's persistent workers (every way out of the trainer and evaluator).
+* :class:`DevicePrefetcher`: batches as model-ready device tensors, the next ones prepared while the current
+  one trains (a side CUDA stream; for the ``gpu`` pipeline a decode thread).
 """
 from __future__ import annotations
 
