@@ -308,17 +308,12 @@ def list_val_members(val_tar: str | Path, labels: int) -> int:
     return len(seen)
 
 
-def prepare_val(val_tar: str | Path, devkit: str | Path, out: str | Path, expect_images: int | None = None,
-                expect_classes: int | None = None) -> dict:
-    """Sort the validation tarball's images into ``out/<wnid>/`` by the devkit's labels (restartable).
-
-    Before anything is written: the devkit's ids are checked (:func:`read_devkit`), the tarball's member names
-    listed (:func:`list_val_members`), and the counts compared: the tarball's images with the devkit's labels,
-    and those with ``expect_images`` / ``expect_classes`` when given.
-
-    Returns counts: ``images``, ``written``, ``already_present``, ``classes``, ``expected_images`` (labels in
-    the devkit) and ``per_class`` (images per class the devkit labels).
-    """
+def check_val(val_tar: str | Path, devkit: str | Path, expect_images: int | None = None,
+              expect_classes: int | None = None) -> list[str]:
+    """Everything about the val split that can be checked without writing: the devkit's ids
+    (:func:`read_devkit`), the tarball's member names (:func:`list_val_members`), and the counts: the tarball's
+    images against the devkit's labels, and those against ``expect_images`` / ``expect_classes`` when given.
+    Returns the labels (:func:`read_devkit`)."""
     labels = read_devkit(devkit)
     per_class = collections.Counter(labels)
     members = list_val_members(val_tar, len(labels))
@@ -331,6 +326,20 @@ def prepare_val(val_tar: str | Path, devkit: str | Path, out: str | Path, expect
     if expect_classes is not None and len(per_class) != expect_classes:
         raise PrepareError(f"{devkit}: labels val images of {len(per_class):,} classes, expected {expect_classes:,} "
                            "(--expect-classes); nothing written")
+    return labels
+
+
+def prepare_val(val_tar: str | Path, devkit: str | Path, out: str | Path, expect_images: int | None = None,
+                expect_classes: int | None = None, labels: list[str] | None = None) -> dict:
+    """Sort the validation tarball's images into ``out/<wnid>/`` by the devkit's labels (restartable), after
+    :func:`check_val` (skipped when its ``labels`` are given).
+
+    Returns counts: ``images``, ``written``, ``already_present``, ``classes``, ``expected_images`` (labels in
+    the devkit) and ``per_class`` (images per class the devkit labels).
+    """
+    if labels is None:
+        labels = check_val(val_tar, devkit, expect_images, expect_classes)
+    per_class = collections.Counter(labels)
     out = Path(out)
     written = skipped = 0
     try:
@@ -458,8 +467,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise PrepareError(f"file not found: {f}")
         if out.exists() and not out.is_dir():
             raise PrepareError(f"--out {out}: exists and is not a folder")
-        if a.val_tar:  # the devkit's ids are checked before anything is written, the lock included
-            read_devkit(a.devkit)
+        labels = None
+        if a.val_tar:  # checked before anything is written (train included), the lock too
+            labels = check_val(a.val_tar, a.devkit, a.expect_val_images, a.expect_classes)
         with lock_output(out):
             if a.train_tar:
                 r = prepare_train(a.train_tar, out / "train", workers=a.workers, verify=a.verify,
@@ -469,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(check_counts("train", out / "train", a.expect_train_images, a.expect_classes,
                                    lambda: class_image_counts(a.train_tar)))
             if a.val_tar:
-                r = prepare_val(a.val_tar, a.devkit, out / "val", a.expect_val_images, a.expect_classes)
+                r = prepare_val(a.val_tar, a.devkit, out / "val", labels=labels)
                 print(f"val: {r['written']} images written, {r['already_present']} already present; the devkit "
                       f"labels {r['expected_images']:,}")
                 print(check_counts("val", out / "val", a.expect_val_images, a.expect_classes, r["per_class"]))

@@ -131,6 +131,16 @@ def test_val_counts_and_names_are_checked_before_writing(tmp_path, capsys, case,
     assert not (tmp_path / "out" / "val").exists()
 
 
+def test_a_val_problem_stops_before_the_train_split_is_extracted(tmp_path, capsys):
+    make_train_tar(tmp_path / "train.tar")
+    devkit = _devkit(tmp_path / "devkit.tar.gz", _synsets(WNIDS))
+    val_tar = _val_tar(tmp_path / "val.tar", n=2)  # the devkit labels 3
+    assert prep.main(["--out", str(tmp_path / "out"), "--train-tar", str(tmp_path / "train.tar"), "--val-tar",
+                      str(val_tar), "--devkit", str(devkit), "--workers", "1", *_expect(val=3)]) == 2
+    _one_line_error(capsys, "2 images, but the devkit labels 3")
+    assert not (tmp_path / "out").exists()
+
+
 def test_val_members_with_paths_land_in_their_class_folder_only(tmp_path, capsys):
     devkit = _devkit(tmp_path / "devkit.tar.gz", _synsets(WNIDS))
     val_tar = _val_tar(tmp_path / "val.tar", names=["../../ILSVRC2012_val_00000001.JPEG",
