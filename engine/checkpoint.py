@@ -48,6 +48,12 @@ class TrainState:
     train_time_s: float = 0.0  # time spent in training steps (all sessions)
     epoch_time_s: float = 0.0  # time spent in the current epoch so far
     epoch_images: int = 0
+    # The first step of every session (worker start-up, compilation, cuDNN autotuning): timed apart and kept out
+    # of the throughput figures (img_per_s, train_img_per_s), reported as warmup_s. Included in the times above.
+    warmup_s: float = 0.0
+    warmup_images: int = 0
+    epoch_warmup_s: float = 0.0
+    epoch_warmup_images: int = 0
 
 
 class StructureChangedError(ConfigError):

@@ -71,6 +71,8 @@ class TrainConfig:
     label_smoothing: float = _f(0.1, min=0.0, help="label smoothing of the training loss, in [0, 1)")
     channels_last: bool = _f(False, help="channels_last memory format for the model and its inputs")
     compile: bool = _f(False, help="torch.compile the model for training and evaluation")
+    cudnn_benchmark: bool = _f(True, help="cuDNN autotuning of convolution algorithms (torch.backends.cudnn.benchmark; "
+                                          "CUDA only)")
     sync_bn: bool = _f(False, help="SyncBatchNorm across processes (CUDA DDP only)")
     checkpoint_every_steps: int = _f(0, min=0, help="mid-epoch checkpoint period (0: only at epoch ends)")
     log_every_steps: int = _f(50, min=1, help="metrics are reduced (host sync) every N steps")

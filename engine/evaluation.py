@@ -15,7 +15,7 @@ from engine.data.errors import DataError
 from engine.errors import NonFiniteOutputError
 from engine.data.datasets import ExactEvalBatchSampler
 from engine.data.pipeline import build_datasets, make_loader
-from engine.data.loader import DevicePrefetcher
+from engine.data.loader import DevicePrefetcher, shutdown_workers
 from engine.meter import Meter
 from engine.progress import Progress, log_line
 
@@ -43,6 +43,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "off", c
             if x is None:  # a batch of only unreadable images (data.skip_corrupt)
                 meter.add_skipped(skipped)
                 continue
+            # A compiled model compiles one graph for every batch size (the last partial batch included)
+            torch._dynamo.maybe_mark_dynamic(x, 0)
             with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16), enabled=amp != "off"):
                 logits = model(x)
             loss = crit(logits.float(), y)
@@ -121,6 +123,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, allow_new: bool = False) -
             raise NonFiniteOutputError(f"--checkpoint {checkpoint}: weight {broken} holds NaN/inf values; refusing to "
                                        "evaluate it")
         model.to(info.device)
+        if info.device.type == "cuda":
+            torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
         if cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
         _, val_set = build_datasets(cfg, cfg.model.num_classes, need_train=False)
@@ -136,6 +140,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, allow_new: bool = False) -
                            desc="eval" if (info.is_main and cfg.train.progress) else None)
         except NonFiniteOutputError as e:
             raise NonFiniteOutputError(f"--checkpoint {checkpoint}: {e}") from None
+        finally:
+            shutdown_workers(loader)
         out.update({"checkpoint": str(checkpoint), "model": cfg.model.name, "world_size": info.world_size,
                     "time_s": time.time() - t0, "is_main": info.is_main})
         return out

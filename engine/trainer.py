@@ -26,7 +26,7 @@ from engine.builders import (DataBundle, Optimization, Wrapped, build_data, buil
 from engine.checkpoint import TrainState, check_structure
 from engine.config import Config, diff_configs, dump_config
 from engine.data.errors import DataError
-from engine.data.loader import DevicePrefetcher
+from engine.data.loader import DevicePrefetcher, shutdown_workers
 from engine.errors import NonFiniteLossError, NonFiniteOutputError, SimulatedKill
 from engine.evaluation import AMP_DTYPES, evaluate
 from engine.meter import Meter, MeterReading
@@ -67,6 +67,11 @@ class Trainer:
         self.stopped: dict | None = None  # how a stop request ended the session (preemption_exit)
         self._resumed_from: Path | None = None  # another run's checkpoint (--resume) this run continues
         self._t0, self._images = time.time(), 0  # training time / images since the last accounting
+        self._warm = False  # this session's first step (its warm-up) is done
+        self._input = {"wait_s": 0.0, "decode_s": 0.0}  # this session's share of the epoch's input-path time
+        # A batch shortened by a skipped file must not recompile the compiled model mid-epoch (on one rank only,
+        # the others waiting): its batch dimension is marked dynamic from the first step.
+        self._dynamic_batch = cfg.train.compile and cfg.data.skip_corrupt
         self.writer = None
 
     # -- helpers ----------------------------------------------------------------------------------------------
@@ -185,6 +190,8 @@ class Trainer:
         if x is None:
             raise DataError(f"every image of a training batch (global step {st.global_step + 1}) is unreadable")
         self.optim.schedule.apply(self.optim.optimizer, st.global_step)
+        if self._dynamic_batch:
+            torch._dynamo.maybe_mark_dynamic(x, 0)
         with torch.autocast(dev.type, dtype=AMP_DTYPES.get(cfg.train.amp, torch.bfloat16),
                             enabled=cfg.train.amp != "off"):
             logits = self.wrapped.train_model(x)                   # (N, classes)
@@ -236,15 +243,35 @@ class Trainer:
         if dbg.signal_after_steps is not None and st.global_step == dbg.signal_after_steps:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    def _account(self) -> None:
-        """Add the training time / images since the last call to the state (throughput figures)."""
+    def _account(self, warmup: bool = False) -> None:
+        """Add the training time / images since the last call to the state (throughput figures); ``warmup``:
+        they were the session's first step, also counted apart."""
         dt = time.time() - self._t0
         st = self.state
         st.epoch_time_s += dt
         st.train_time_s += dt
         st.epoch_images += self._images
         st.train_images += self._images
+        if warmup:
+            st.epoch_warmup_s += dt
+            st.warmup_s += dt
+            st.epoch_warmup_images += self._images
+            st.warmup_images += self._images
         self._t0, self._images = time.time(), 0
+
+    def _end_warmup(self) -> None:
+        """After the session's first step: wait for it (one host sync per session) and account it as warm-up."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._account(warmup=True)
+        self._warm = True
+
+    @staticmethod
+    def _rate(images: int, seconds: float, warm_images: int, warm_s: float) -> float:
+        """Images per second without the warm-up (with it when nothing else was timed)."""
+        if images > warm_images and seconds > warm_s:
+            return (images - warm_images) / (seconds - warm_s)
+        return images / max(seconds, 1e-9)
 
     # -- loops ------------------------------------------------------------------------------------------------
     def train_one_epoch(self, preempt: Preemption) -> MeterReading | None:
@@ -259,10 +286,14 @@ class Trainer:
                             enabled=self.info.is_main and cfg.train.progress)
         self._t0, self._images = time.time(), 0
         reading = None
+        # The next batch is copied and normalised on a side CUDA stream (gpu pipeline: decoded on its own thread)
+        # while this one trains.
+        batches = DevicePrefetcher(self.data.train_loader, self.device, cfg.train.channels_last)
         try:
-            # The next batch is copied and normalised on a side CUDA stream while this one trains.
-            for x, y, skipped in DevicePrefetcher(self.data.train_loader, self.device, cfg.train.channels_last):
+            for x, y, skipped in batches:
                 self.train_step(x, y, skipped)
+                if not self._warm:
+                    self._end_warmup()
                 progress.update()
                 self._debug_hooks()
                 end = st.step_in_epoch >= self.steps_per_epoch
@@ -279,8 +310,12 @@ class Trainer:
                 if want_ckpt:
                     self._account()
                     self.save()
+            if reading is None:  # resumed from the checkpoint saved after the epoch's last step, before evaluating
+                reading = self.sync_point(preempt, progress)
         finally:
             progress.close()
+            self._input["wait_s"] += batches.stats["wait_s"]
+            self._input["decode_s"] += batches.stats["decode_s"]
         self._account()
         return reading
 
@@ -297,12 +332,22 @@ class Trainer:
         """Evaluate (when due), log and record the epoch, move the state to the next epoch, checkpoint."""
         cfg, st = self.cfg, self.state
         last_epoch = st.epoch + 1 == cfg.train.epochs
+        # img_per_s leaves out the session's warm-up step (warmup_s; epoch_time_s includes it). input_wait_s:
+        # time the loop waited for batches; decode_s (gpu pipeline): the decode thread's time (this session's
+        # part of the epoch).
         row = {"epoch": st.epoch + 1, "global_step": st.global_step, "train_loss": train.loss,
                "train_top1": train.top1, "lr": self._last_lr(),
-               "img_per_s": st.epoch_images / max(st.epoch_time_s, 1e-9), "epoch_time_s": st.epoch_time_s,
-               "train_skipped": train.skipped}
+               "img_per_s": self._rate(st.epoch_images, st.epoch_time_s, st.epoch_warmup_images, st.epoch_warmup_s),
+               "epoch_time_s": st.epoch_time_s, "warmup_s": st.epoch_warmup_s,
+               "input_wait_s": self._input["wait_s"], "train_skipped": train.skipped}
+        if cfg.data.pipeline == "gpu":
+            row["decode_s"] = self._input["decode_s"]
+        self._input = {"wait_s": 0.0, "decode_s": 0.0}
         improved = False
         if (st.epoch + 1) % cfg.train.eval_every_epochs == 0 or last_epoch:
+            # The epoch's training is saved first: an evaluation that fails (an unreadable val image, out of
+            # memory) must not cost it. A rerun resumes at this point and evaluates.
+            self.save()
             val = self._evaluate()
             st.last_val = {**val, "epoch": st.epoch + 1}
             row.update({"val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
@@ -313,12 +358,14 @@ class Trainer:
         if cfg.data.pipeline == "gpu":
             # Files of this epoch (train and val) that nvjpeg could not take and the CPU decoded, all ranks.
             from engine.data.gpu_decode import fallback_counts
-            n = torch.tensor([float(sum(fallback_counts(reset=True).values()))], device=self.device)
-            row["cpu_decoded"] = int(dist_lib.all_reduce_sum(n).item())
+            counts = fallback_counts(reset=True)
+            n = torch.tensor([float(sum(counts.values())), float(counts.get("nvjpeg_error", 0))], device=self.device)
+            row["cpu_decoded"], row["nvjpeg_failed"] = (int(v) for v in dist_lib.all_reduce_sum(n).tolist())
         val_text = (f"val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f} top5 {row['val_top5']:.2f} "
                     f"({row['val_count']} images) | " if "val_top1" in row else "")
+        warm = f" (warm-up {row['warmup_s']:.1f} s excluded)" if row["warmup_s"] > 0 else ""
         self.log(f"epoch {st.epoch + 1}/{cfg.train.epochs}: train loss {row['train_loss']:.4f} top1 "
-                 f"{row['train_top1']:.2f} | {val_text}lr {row['lr']:.4g} | {row['img_per_s']:.1f} img/s | "
+                 f"{row['train_top1']:.2f} | {val_text}lr {row['lr']:.4g} | {row['img_per_s']:.1f} img/s{warm} | "
                  f"{row['epoch_time_s']:.1f} s")
         self.run_dir.append_metrics(row)
         if self.info.is_main:
@@ -329,6 +376,7 @@ class Trainer:
                 self.writer.flush()
         st.epoch += 1
         st.step_in_epoch, st.epoch_time_s, st.epoch_images = 0, 0.0, 0
+        st.epoch_warmup_s, st.epoch_warmup_images = 0.0, 0
         self.meter.reset()
         if improved:
             self._save_best()
@@ -388,13 +436,17 @@ class Trainer:
             status="complete", model=self.cfg.model.name, epochs=st.epoch, best_top1=st.best_top1,
             best_epoch=st.best_epoch, final_top1=v.get("top1"), final_top5=v.get("top5"), final_loss=v.get("loss"),
             val_count=v.get("count"), global_steps=st.global_step,
-            train_img_per_s=st.train_images / max(st.train_time_s, 1e-9), wall_time_s=wall,
+            train_img_per_s=self._rate(st.train_images, st.train_time_s, st.warmup_images, st.warmup_s),
+            wall_time_s=wall,
             gpu_hours=wall * gpus / 3600.0, world_size=self.info.world_size,
             device=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             global_batch=self.global_batch, peak_lr=self.optim.schedule.peak_lr, git_commit=git_commit(),
             output_dir=str(self.run_dir.path))
 
     def close(self) -> None:
+        """Stop the loaders' worker processes (on every way out, errors included) and close the writer."""
+        for loader in (self.data.train_loader, self.data.val_loader):
+            shutdown_workers(loader)
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -411,6 +463,23 @@ def check_config(cfg: Config, info: dist_lib.DistInfo) -> None:
         check_available()
 
 
+def config_warnings(cfg: Config, info: dist_lib.DistInfo) -> list[str]:
+    """Settings that work but cost more than they seem to (one line each, logged by rank 0)."""
+    out = []
+    if cfg.train.sync_bn and cfg.train.compile and info.distributed:
+        out.append("warning: train.sync_bn with train.compile: SyncBatchNorm synchronises the host at every BN layer "
+                   "(53 per ResNet-50 forward) and breaks the compiled graph at each; expect little gain from "
+                   "compile (set train.sync_bn=false unless the per-GPU batch is small)")
+    return out
+
+
+def set_backend_flags(cfg: Config, device: torch.device) -> None:
+    """cuDNN autotuning (``train.cudnn_benchmark``, CUDA only): each convolution shape is timed once over cuDNN's
+    algorithms and the fastest kept (the input shapes are fixed, except a last partial eval batch)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
+
+
 def build_trainer(cfg: Config, info: dist_lib.DistInfo, run_dir: RunDir, model: torch.nn.Module,
                   resume: str | None = None) -> Trainer:
     """Find the checkpoint to resume, build data / optimization / wrapping around ``model`` (from
@@ -421,6 +490,9 @@ def build_trainer(cfg: Config, info: dist_lib.DistInfo, run_dir: RunDir, model: 
     if info.device.type == "cpu" and cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
     log(f"run directory: {run_dir.path.resolve()}")
+    for line in config_warnings(cfg, info):
+        log(line)
+    set_backend_flags(cfg, info.device)
     found = run_dir.find_checkpoint(resume)
     if found is not None:
         check_structure(found[0]["config"], cfg, found[1])

@@ -18,8 +18,8 @@ _API = {"create_model": "registry", "list_models": "registry", "count_params": "
         "ResNet": "resnet", "AttentionConfig": "resnet",
         "SE": "attention", "ECA": "attention", "FCA": "attention", "DCTPooling": "attention",
         "CBAM": "attention", "GlobalContext": "attention", "GSoP": "attention"}
-__all__ = ["create_model", "list_models", "model_options", "load_weights", "load_checkpoint", "read_state_dict", "count_params",
-           "LoadReport", "ResNet", "AttentionConfig", "SE", "ECA", "FCA", "DCTPooling", "CBAM", "GlobalContext",
+__all__ = ["create_model", "list_models", "model_options", "load_weights", "load_checkpoint", "read_state_dict",
+           "count_params", "LoadReport", "ResNet", "AttentionConfig", "SE", "ECA", "FCA", "DCTPooling", "CBAM", "GlobalContext",
            "GSoP", "register_timm"]
 
 

@@ -10,7 +10,9 @@ the subset costs a few kilobytes. Checks before anything is written: the list ho
 listed class exists as a non-empty folder in every split of SRC. Idempotent: links already pointing at the
 right folder are kept, so rerunning (or resuming an interrupted run) is safe; anything else already at a link's
 place, or a class folder in DST that the list does not hold, is refused (never overwritten or deleted), since
-the trainer's ImageFolder would pick it up as an extra class. Errors: one line on stderr, exit status 2.
+the trainer's ImageFolder would pick it up as an extra class. Names from the list become paths only once checked:
+every entry must be a WordNet id (``n`` + 8 digits; ``../x`` or an absolute path is refused), and every split a
+plain folder name. Errors: one line on stderr, exit status 2.
 """
 from __future__ import annotations
 
@@ -137,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not splits:
             raise SubsetError("--splits is empty")
+        for split in splits:  # each is one folder name under --src and --dst, never a path out of them
+            if split == ".." or Path(split).name != split:
+                raise SubsetError(f"--splits: {split!r} is not a plain folder name (e.g. train, val)")
         made, counts = make_subset(args.src, args.dst, args.classes, splits)
     except SubsetError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -16,6 +16,11 @@ class DataError(ValueError):
     """A missing or malformed data set (one-line message)."""
 
 
+class GpuDecodeError(DataError):
+    """The ``gpu`` pipeline's decode is failing for the device's sake, not a file's: nvjpeg out of memory or
+    failing to execute, or most of a batch rejected (one line naming the batch's first file and the status)."""
+
+
 class UnsupportedImageError(ValueError):
     """An image whose mode has no defined 8-bit RGB rendering (e.g. 32-bit float); the message names the mode."""
 

@@ -8,36 +8,48 @@ Where each step runs:
   drawn by the ``fast`` pipeline's own ``plan`` (same function, same RNG draws under the per-sample seed),
   so for a given (seed, epoch, index) the boxes equal the CPU pipelines' and resume stays exact. A sample
   is a :class:`PendingJpeg` (bytes + box + flip).
-* **Fallback, per file**: what nvjpeg cannot decode correctly (:func:`nvjpeg_refusal`: not a JPEG, e.g.
-  PNG; grayscale; CMYK/YCCK; progressive, arithmetic, lossless or 12-bit JPEGs; RGB-coded JPEGs; a missing
+* **Fallback, per file**: what nvjpeg is not used for (:func:`nvjpeg_refusal`: not a JPEG, e.g. PNG;
+  grayscale; CMYK/YCCK; progressive, arithmetic, lossless or 12-bit JPEGs; RGB-coded JPEGs; a missing
   end-of-image marker) is decoded right there by the ``fast`` pipeline (:func:`decode_resized_crop`) into
   a :class:`CpuDecoded` uint8 (3, S, S), with the reason. Never dropped; counted.
 * **Collate** (:func:`collate_samples`): an :class:`EncodedBatch` of byte tensors, boxes and flips, plus
   the stacked CPU-decoded images.
-* **Training process, on the device** (:meth:`EncodedBatch.to_model_input`, reached through the trainer's
-  :func:`engine.transforms.to_model_input`): one batched ``torchvision.io.decode_jpeg(list, device="cuda")``
-  call (nvjpeg; the hardware decoder where the GPU has one), then per image the integer crop
-  (:func:`engine.transforms.pixel_box`, as on the CPU), an antialiased bilinear resize in float32 rounded to
-  the 8-bit grid (the ``fast`` pipeline resizes uint8), the flip, and the normalization of the whole
-  (N, 3, S, S) batch. A file nvjpeg still rejects is decoded on the CPU here (counted as ``nvjpeg_error``).
+* **Training process, decode thread** (:func:`decode_batch`, run by :class:`engine.data.loader.DevicePrefetcher`
+  on a dedicated thread with its own CUDA stream, so the training step is enqueued while the next batch
+  decodes): one batched ``torchvision.io.decode_jpeg(list, device="cuda")`` call (nvjpeg; the hardware
+  decoder where the GPU has one), then the integer crop (:func:`engine.data.transforms.pixel_box`, as on the
+  CPU) and antialiased bilinear resize of the whole batch at once (:func:`resize_crops`: the separable
+  filter as two batched matrix products, about one kernel launch per image instead of five or six), rounded
+  to the 8-bit grid as the ``fast`` pipeline's uint8 resize is, the flips, and the normalization.
+
+Failures (:func:`nvjpeg_decode`) are never a silent slow path:
+
+* a failure of the device (CUDA out of memory, a CUDA error, nvjpeg status 1, 5, 6, 7 or 8, "Failed to
+  synchronize CUDA stream") stops the run: a :class:`GpuDecodeError` (one line), or CUDA's own error when
+  the synchronisation that follows every failed batched call finds the context broken;
+* a file nvjpeg rejects is found by halving the batch (about ``2 log2(N)`` calls for one bad file, not N)
+  and decoded on the CPU (counted as ``nvjpeg_error``); if more than half of a batch (and at least
+  :data:`STOP_MIN_FILES` files) is rejected, the run stops with one line;
+* a file no decoder can read is a :class:`CorruptImageError`, or dropped with its label under
+  ``data.skip_corrupt``.
 
 Fallbacks are counted per process by reason (:func:`fallback_counts`, read and reset by the training loop at
-each epoch end for its ``cpu_decoded`` metric); the first file of each reason is named once on stderr (rank 0).
-
-The nvjpeg decode blocks the training process's host thread (see :func:`nvjpeg_decode`): the batch's bytes
-are staged and decoded synchronously, and the side stream is drained before each batch's decode.
+each epoch end for its ``cpu_decoded`` metric); the first file of each reason is named once on stderr, and a
+warning is printed once per epoch when more than :data:`WARN_FALLBACK_RATE` of the epoch's images so far
+were decoded on the CPU.
 """
 from __future__ import annotations
 
 import collections
 import os
+import re
 import sys
+import threading
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
-from engine.data.errors import DECODE_ERRORS, CorruptImageError
+from engine.data.errors import DECODE_ERRORS, CorruptImageError, GpuDecodeError
 from engine.data.transforms import (EncodedImage, FastTrainTransform, FastValTransform, _norm_constants,
                                     decode_resized_crop, pixel_box)
 
@@ -57,26 +69,66 @@ FALLBACK_REASONS = {
     "nvjpeg_error": "a JPEG nvjpeg failed to decode",
 }
 
-_FALLBACKS: collections.Counter = collections.Counter()
-_LOGGED: set[str] = set()
+WARN_FALLBACK_RATE = 0.05  # warn when more than this share of an epoch's images was decoded on the CPU ...
+WARN_MIN_IMAGES = 512      # ... once at least this many images of the epoch went through the gpu pipeline
+STOP_MIN_FILES = 4         # a batch stops the run when nvjpeg rejects more than half of it and >= this many
+
+
+class _Stats:
+    """Per-process tally of one epoch (the decode thread writes, the training loop reads and resets)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.fallbacks: collections.Counter = collections.Counter()
+        self.images = 0        # images of gpu-pipeline batches seen this epoch
+        self.warned = False    # the fallback-rate warning was printed this epoch
+        self.logged: set[str] = set()  # reasons already named on stderr (once per process)
+
+
+_STATS = _Stats()
+
+
+def _rank_suffix() -> str:
+    rank = os.environ.get("RANK", "0")
+    return f" (rank {rank})" if rank != "0" else ""
 
 
 def fallback_counts(reset: bool = False) -> dict[str, int]:
     """Files this process decoded on the CPU instead of with nvjpeg, by reason (:data:`FALLBACK_REASONS`),
-    counted as their batches reach :meth:`EncodedBatch.to_model_input`. ``reset`` zeroes the tally."""
-    out = dict(_FALLBACKS)
-    if reset:
-        _FALLBACKS.clear()
+    counted as their batches are decoded (:func:`decode_batch`). ``reset`` zeroes the tally and re-arms the
+    once-per-epoch fallback-rate warning (the training loop resets it at every epoch end)."""
+    with _STATS.lock:
+        out = dict(_STATS.fallbacks)
+        if reset:
+            _STATS.fallbacks.clear()
+            _STATS.images, _STATS.warned = 0, False
     return out
 
 
 def _note_fallback(reason: str, path: str, n: int = 1) -> None:
-    _FALLBACKS[reason] += n
-    if reason not in _LOGGED:
-        _LOGGED.add(reason)
-        if os.environ.get("RANK", "0") == "0":
-            print(f"data: gpu pipeline: {path} is {FALLBACK_REASONS[reason]}; decoding such files on the CPU "
-                  "(counted, not listed again)", file=sys.stderr, flush=True)
+    with _STATS.lock:
+        _STATS.fallbacks[reason] += n
+        first = reason not in _STATS.logged
+        _STATS.logged.add(reason)
+    if first and os.environ.get("RANK", "0") == "0":
+        print(f"data: gpu pipeline: {path} is {FALLBACK_REASONS[reason]}; decoding such files on the CPU "
+              "(counted, not listed again)", file=sys.stderr, flush=True)
+
+
+def _note_batch(images: int) -> None:
+    """Count a decoded batch; warn once per epoch when the share of CPU-decoded images passes the threshold."""
+    with _STATS.lock:
+        _STATS.images += images
+        cpu = sum(_STATS.fallbacks.values())
+        total = _STATS.images
+        if _STATS.warned or total < WARN_MIN_IMAGES or cpu <= WARN_FALLBACK_RATE * total:
+            return
+        _STATS.warned = True
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(_STATS.fallbacks.items()) if v)
+    print(f"warning: data: gpu pipeline: {cpu:,} of this epoch's {total:,} images so far ({100 * cpu / total:.1f}%, "
+          f"more than {100 * WARN_FALLBACK_RATE:g}%) were decoded on the CPU ({parts}): a slow path; see "
+          f"cpu_decoded in metrics.jsonl, or use data.pipeline=fast for such data{_rank_suffix()}",
+          file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------- JPEG header
@@ -139,10 +191,13 @@ def parse_jpeg_header(data: Union[bytes, bytearray, memoryview]) -> Optional[Jpe
 def nvjpeg_refusal(h: Optional[JpegHeader]) -> Optional[str]:
     """``None`` if nvjpeg is used for this file; else the fallback reason (a :data:`FALLBACK_REASONS` key).
 
-    nvjpeg is kept to what it decodes exactly like libjpeg-turbo up to IDCT rounding: 8-bit sequential
-    Huffman (baseline/extended) YCbCr with three components. Progressive files would take nvjpeg's hybrid
-    path, whose Huffman decoding runs on the training process's CPU one image at a time; the workers decode
-    them faster. Grey and CMYK are listed as fallbacks by design."""
+    nvjpeg is used for 8-bit sequential Huffman (baseline/extended) YCbCr JPEGs with three components, the
+    files its batched (hardware) path takes. Its IDCT and chroma upsampling are not libjpeg-turbo's: pixels
+    differ slightly from the CPU pipelines' (the CUDA test accepts a mean absolute difference below 2 levels
+    and at most 40 levels at any pixel of the cropped, resized output; no measured figure of the gap is
+    recorded here). Progressive files would take nvjpeg's hybrid path, whose Huffman decoding runs on the
+    training process's CPU one image at a time; the workers decode them faster. Grey and CMYK are listed as
+    fallbacks by design."""
     if h is None:
         return "not_jpeg"
     if h.components == 1:
@@ -232,55 +287,168 @@ class GpuTransform:
         return f"GpuTransform({self.cpu!r})"
 
 
-# ------------------------------------------------------------------------------------------ batches
+# ------------------------------------------------------------------------------------------ decoding
 DecodeFn = Callable[[list, torch.device], list]
-
+"""``(list of uint8 (L,) CPU tensors, device) -> list of uint8 (3, H, W) tensors``, raising on failure (the
+signature of a batched ``torchvision.io.decode_jpeg`` call; tests inject CPU stand-ins)."""
 
 # torch.cuda.OutOfMemoryError is torch.OutOfMemoryError on torch >= 2.5; AcceleratorError (torch >= 2.8) is
 # how newer builds raise CUDA errors.
 _DEVICE_ERRORS = (torch.cuda.OutOfMemoryError,) + ((torch.AcceleratorError,) if hasattr(torch, "AcceleratorError")
                                                   else ())
+# nvjpegStatus_t (nvjpeg.h). The batched decode reports them as "Failed to <step>: <status>" (torchvision
+# 0.29, decode_jpegs_cuda.cpp), wrapped in "Error while decoding JPEG images: ...".
+NVJPEG_STATUS = {1: "not initialized", 2: "invalid parameter", 3: "bad JPEG", 4: "JPEG not supported",
+                 5: "allocator failure", 6: "execution failed", 7: "architecture mismatch", 8: "internal error",
+                 9: "implementation not supported", 10: "incomplete bitstream"}
+# Statuses that say nothing about the file: every later call would fail too. 5 follows a CUDA out-of-memory
+# (nvjpeg allocates with cudaMalloc, outside torch's caching allocator; pytorch/vision#4378).
+DEVICE_STATUS = frozenset({1, 5, 6, 7, 8})
+_STATUS_RE = re.compile(r"Failed to ([A-Za-z][A-Za-z ]*?): (-?\d+)")
 
 
-def _is_device_failure(e: BaseException) -> bool:
-    """Whether ``e`` is a failure of the device rather than of one file: out of memory, or a CUDA error
-    (an illegal access, a lost device: sticky, every later call would fail too). Those must stop training
-    with their own message, not be hidden as a "file nvjpeg rejects" and retried on the CPU."""
+def device_failure(e: BaseException) -> Optional[str]:
+    """A one-line description if ``e`` is a failure of the device rather than of one file (CUDA out of memory,
+    a CUDA error, an nvjpeg status in :data:`DEVICE_STATUS`, a failed CUDA stream synchronisation), else
+    ``None`` (the file is at fault: nvjpeg status 2, 3, 4, 9, 10 or another message)."""
+    text = " ".join(str(e).split())
     if isinstance(e, _DEVICE_ERRORS):
-        return True
-    msg = str(e).lower()
-    return any(k in msg for k in ("out of memory", "cuda error", "cuda driver error", "cudaerror",
-                                  "device-side assert"))
+        return f"{type(e).__name__}: {text[:160]}"
+    for step, code in _STATUS_RE.findall(text):
+        if step == "synchronize CUDA stream":
+            return f"CUDA stream synchronisation failed (cudaError {code})"
+        if int(code) in DEVICE_STATUS:
+            return f"nvjpeg status {code} ({NVJPEG_STATUS[int(code)]}) in '{step}'"
+    low = text.lower()
+    if any(k in low for k in ("out of memory", "cuda error", "cuda driver error", "cudaerror", "device-side assert")):
+        return text[:160]
+    return None
 
 
-def nvjpeg_decode(data: list, device: torch.device) -> list:
-    """Decode a list of JPEG byte tensors (CPU uint8) with nvjpeg into uint8 (3, H, W) tensors on ``device``,
-    in one batched call; if the batch fails, file by file, with ``None`` for a file nvjpeg rejects. Device
-    failures (out of memory, CUDA errors) are raised, never turned into per-file fallbacks.
-
-    Blocks the host until the current stream's queued work is done and the decode has finished."""
-    device = torch.device(device)
+def _synchronize(device: torch.device) -> None:
+    """After a failed batched call: wait for the device, so that a broken CUDA context (an illegal access, a
+    lost device) raises its own error here instead of passing as a file nvjpeg rejects."""
     if device.type == "cuda":
-        # torchvision's decode_jpeg (0.29, pytorch/vision#9606) allocates its outputs on the caller's stream
-        # (the DevicePrefetcher's side stream) but writes them on its own private stream without waiting on
-        # the caller's. Blocks the previous batch freed may still be read by its crop/resize kernels queued on
-        # the side stream; the allocator hands them to this decode, which would overwrite them. Draining the
-        # caller's stream first makes that reuse safe (the decode blocks the host anyway).
-        torch.cuda.current_stream(device).synchronize()
-    try:
-        return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError as e:
-        if _is_device_failure(e):
-            raise
-    out = []
-    for d in data:
+        torch.cuda.synchronize(device)
+
+
+def with_index(device: Any) -> torch.device:
+    """``device`` with its index: torchvision keeps one global nvjpeg decoder and rebuilds it (leaking the
+    old one) whenever the requested device differs, and ``"cuda"`` differs from ``"cuda:0"``."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class DecodeResult(NamedTuple):
+    """What :func:`nvjpeg_decode` made of a list of files."""
+    images: list          # uint8 (3, H, W) on the device, or None where nvjpeg rejected the file
+    errors: dict          # {position: one-line message} of the rejected files
+    calls: int            # batched decode calls made (1 when the batch decoded at once)
+
+
+def nvjpeg_decode(data: list, device: Any, decode: Optional[DecodeFn] = None) -> DecodeResult:
+    """Decode a list of JPEG byte tensors (CPU uint8) into uint8 (3, H, W) tensors on ``device`` in one
+    batched nvjpeg call (``decode`` replaces it in tests).
+
+    If the call fails for a reason that is not the device's (:func:`device_failure`), the device is
+    synchronised (a broken CUDA context raises there) and each half of the list is tried again, down to the
+    single rejected files: ``None`` at their positions. A device failure raises :class:`GpuDecodeError`.
+
+    Blocks the calling thread until the decode has finished (torchvision synchronises its nvjpeg stream)."""
+    device = with_index(device)
+    if decode is None:
+        def decode(items: list, dev: torch.device) -> list:
+            return list(decode_jpeg(items, mode=ImageReadMode.RGB, device=dev))
+    images: list = [None] * len(data)
+    errors: dict[int, str] = {}
+    calls = 0
+
+    def attempt(lo: int, hi: int) -> None:
+        nonlocal calls
+        calls += 1
         try:
-            out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError as e:  # this file only (nvjpeg refused its bitstream): the CPU decodes it
-            if _is_device_failure(e):
-                raise
-            out.append(None)
-    return out
+            images[lo:hi] = list(decode(data[lo:hi], device))
+            return
+        except (RuntimeError, ValueError) as e:
+            why = device_failure(e)
+            if why is not None:
+                raise GpuDecodeError(f"data.pipeline=gpu: the GPU failed while decoding a batch of {hi - lo} "
+                                     f"JPEG(s) with nvjpeg: {why}; free GPU memory (lower train.batch_size) "
+                                     "or use data.pipeline=fast") from None
+            _synchronize(device)
+            if hi - lo == 1:
+                errors[lo] = " ".join(str(e).split())[:200] or type(e).__name__
+                return
+        mid = (lo + hi) // 2
+        attempt(lo, mid)
+        attempt(mid, hi)
+
+    if data:
+        attempt(0, len(data))
+    return DecodeResult(images, errors, calls)
+
+
+def _weights(lengths: torch.Tensor, out: int, pad: int, flip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Antialiased bilinear resize weights, (n, out, pad) float32: row ``i`` of image ``k`` holds the weights
+    of input positions ``0 .. lengths[k] - 1`` for output position ``i`` (zero beyond ``lengths[k]``), as
+    ``F.interpolate(mode="bilinear", antialias=True, align_corners=False)`` computes them: a triangle filter
+    of half-width max(1, scale) around ``scale * (i + 0.5)``, normalised (scale = length / out). ``flip``
+    (n,) bool reverses the output positions of the images it marks."""
+    dev = lengths.device
+    length = lengths.to(torch.float32)[:, None, None]                      # (n, 1, 1)
+    scale = length / out
+    support = torch.where(scale >= 1, scale, torch.ones_like(scale))
+    invscale = 1.0 / support
+    center = scale * (torch.arange(out, device=dev, dtype=torch.float32)[None, :, None] + 0.5)  # (n, out, 1)
+    lo = torch.clamp(torch.trunc(center - support + 0.5), min=0)
+    hi = torch.minimum(torch.trunc(center + support + 0.5), length)
+    pos = torch.arange(pad, device=dev, dtype=torch.float32)[None, None, :]  # (1, 1, pad)
+    w = torch.clamp(1.0 - ((pos - center + 0.5) * invscale).abs(), min=0.0) * ((pos >= lo) & (pos < hi))
+    w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+    if flip is not None:
+        w = torch.where(flip[:, None, None], w.flip(1), w)
+    return w
+
+
+def resize_crops(images: Sequence[torch.Tensor], boxes: Sequence[tuple], flips: Sequence[bool],
+                 size: tuple, budget: int = 48 * 2 ** 20) -> torch.Tensor:
+    """Crop, resize and flip a batch of decoded images at once: float32 (n, 3, S_h, S_w), rounded to integers.
+
+    ``images``: uint8 (3, H_k, W_k) on one device; ``boxes``: ``(y0, y1, x0, x1)`` integer crops
+    (:func:`pixel_box`); ``flips``: horizontal flips; ``size``: (S_h, S_w). Equals, per image,
+    ``F.interpolate(crop.float(), size, mode="bilinear", antialias=True).round()`` (flipped) up to float
+    rounding: the separable filter is applied as two batched matrix products, vertical then horizontal
+    (:func:`_weights`), over crops zero-padded to the largest of a group. Images are grouped by crop size so
+    that each group's padded float copy holds at most ``budget`` elements; the launches are one copy per
+    image plus a fixed number per group."""
+    n = len(images)
+    out_h, out_w = size
+    dev = images[0].device if n else torch.device("cpu")
+    result = torch.empty((n, 3, out_h, out_w), dtype=torch.float32, device=dev)
+    hs = [b[1] - b[0] for b in boxes]
+    ws = [b[3] - b[2] for b in boxes]
+    order = sorted(range(n), key=lambda k: -hs[k] * ws[k])
+    start = 0
+    while start < n:
+        # the largest crops first: each group's padding is set by its first member
+        ph, pw, stop = hs[order[start]], ws[order[start]], start + 1
+        while stop < n and (stop + 1 - start) * 3 * max(ph, hs[order[stop]]) * max(pw, ws[order[stop]]) <= budget:
+            ph, pw, stop = max(ph, hs[order[stop]]), max(pw, ws[order[stop]]), stop + 1
+        group = order[start:stop]
+        padded = torch.zeros((len(group), 3, ph, pw), dtype=torch.float32, device=dev)
+        for j, k in enumerate(group):
+            y0, y1, x0, x1 = boxes[k]
+            padded[j, :, :y1 - y0, :x1 - x0].copy_(images[k][:, y0:y1, x0:x1])  # uint8 -> float32
+        meta = torch.tensor([[hs[k], ws[k], int(bool(flips[k]))] for k in group], dtype=torch.int64).to(dev)
+        wy = _weights(meta[:, 0], out_h, ph)                                  # (g, S_h, ph)
+        wx = _weights(meta[:, 1], out_w, pw, meta[:, 2].bool())              # (g, S_w, pw)
+        tmp = torch.matmul(wy[:, None], padded)                               # (g, 3, S_h, pw)
+        res = torch.matmul(tmp, wx.transpose(1, 2)[:, None])                  # (g, 3, S_h, S_w)
+        result.index_copy_(0, torch.tensor(group, dtype=torch.int64).to(dev), res.round_())
+        start = stop
+    return result
 
 
 class EncodedBatch:
@@ -330,49 +498,87 @@ class EncodedBatch:
 
     def to_model_input(self, device: torch.device, channels_last: bool = False,
                        decode: Optional[DecodeFn] = None) -> torch.Tensor:
-        """Decode, crop, resize, flip and normalize on ``device``: model-ready float32 (N, 3, S, S).
+        """Decode, crop, resize, flip and normalize on ``device``: model-ready float32 (N, 3, S, S)
+        (:func:`decode_batch`; a file no decoder can read raises :class:`CorruptImageError`).
 
-        ``decode`` replaces :func:`nvjpeg_decode` (tests inject a CPU decoder; it returns one uint8
-        (3, H, W) tensor or ``None`` per file)."""
-        device = torch.device(device)
-        if decode is None:
-            if device.type != "cuda":
-                raise RuntimeError(f"data.pipeline=gpu decodes on a CUDA device, got {device}")
-            decode = nvjpeg_decode
-        n, (out_h, out_w) = len(self), self.size
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        out = torch.empty((n, 3, out_h, out_w), dtype=torch.float32, device=device, memory_format=fmt)
-        for reason, path in zip(self.cpu_reasons, self.cpu_paths):
-            _note_fallback(reason, path)
-        if self.cpu_images is not None:
-            idx = self.cpu_index.to(device, non_blocking=True)
-            out.index_copy_(0, idx, self.cpu_images.to(device, non_blocking=True).float())
-        jpegs = self.jpegs
-        if jpegs:
-            decoded = decode(jpegs, device)  # list of uint8 (3, H_i, W_i) on device, None where rejected
-            for img, box, flip, pos, path, data in zip(decoded, self.boxes, self.flips, self.gpu_pos, self.paths,
-                                                       jpegs):
-                if img is None:  # nvjpeg rejected this file after all: the CPU decodes it
-                    _note_fallback("nvjpeg_error", path)
-                    out[pos].copy_(self._cpu_decode(data, box, flip, path).to(device, non_blocking=True))
-                    continue
-                y0, y1, x0, x1 = pixel_box(box, img.shape[-2], img.shape[-1])
-                crop = img[:, y0:y1, x0:x1].unsqueeze(0).float()  # (1, 3, h, w)
-                if crop.shape[-2:] != (out_h, out_w):
-                    # antialiased bilinear like the fast pipeline's uint8 resize, rounded to its 8-bit grid
-                    crop = F.interpolate(crop, size=(out_h, out_w), mode="bilinear", align_corners=False,
-                                         antialias=True).round_()  # convex weights: stays in [0, 255]
-                out[pos].copy_(crop[0].flip(-1) if flip else crop[0])
-        mean, inv_std = _norm_constants(device)
-        return out.sub_(mean).mul_(inv_std)  # elementwise ops keep channels_last
+        ``decode`` replaces nvjpeg's batched call (tests inject a CPU decoder, see :data:`DecodeFn`)."""
+        return decode_batch(self, device, channels_last, decode=decode).images
 
-    def _cpu_decode(self, data: torch.Tensor, box: tuple, flip: bool, path: str) -> torch.Tensor:
-        try:
-            return decode_resized_crop(EncodedImage.from_bytes(data.numpy().tobytes()), box, self.size, flip)
-        except DECODE_ERRORS as e:
-            # Too late to skip it (data.skip_corrupt): its label is already in the batch.
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CorruptImageError(f"corrupt or unreadable image {path}: {reason}") from None
+
+class DecodedBatch(NamedTuple):
+    """:func:`decode_batch`'s result."""
+    images: Optional[torch.Tensor]  # float32 (M, 3, S, S) on the device; None when every file was dropped
+    kept: Optional[torch.Tensor]    # int64 (M,) positions kept in the batch (on the device); None: all N kept
+    dropped: int                    # files no decoder could read, dropped (data.skip_corrupt)
+
+
+def _cpu_decode(data: torch.Tensor, box: tuple, size: tuple, flip: bool, path: str) -> torch.Tensor:
+    try:
+        return decode_resized_crop(EncodedImage.from_bytes(data.numpy().tobytes()), box, size, flip)
+    except DECODE_ERRORS as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CorruptImageError(f"corrupt or unreadable image {path}: {reason}") from None
+
+
+def decode_batch(batch: "EncodedBatch", device: Any, channels_last: bool = False, decode: Optional[DecodeFn] = None,
+                 skip_corrupt: bool = False) -> DecodedBatch:
+    """Turn an :class:`EncodedBatch` into model-ready float32 (N, 3, S, S) on ``device``: the worker-decoded
+    images are copied in, the others decoded by nvjpeg (:func:`nvjpeg_decode`; ``decode`` replaces its batched
+    call), cropped, resized and flipped together (:func:`resize_crops`); then the batch is normalized.
+
+    A file nvjpeg rejects is decoded on the CPU (counted as ``nvjpeg_error``). One no decoder can read raises
+    :class:`CorruptImageError`, or with ``skip_corrupt`` is dropped: the result then holds the ``kept``
+    positions (apply them to the labels). If nvjpeg rejects more than half of the batch's files (and at least
+    :data:`STOP_MIN_FILES`), the GPU decode is failing, not the files: :class:`GpuDecodeError`."""
+    device = with_index(device)
+    if decode is None and device.type != "cuda":
+        raise RuntimeError(f"data.pipeline=gpu decodes on a CUDA device, got {device}")
+    n, size = len(batch), batch.size
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty((n, 3, *size), dtype=torch.float32, device=device, memory_format=fmt)
+    for reason, path in zip(batch.cpu_reasons, batch.cpu_paths):
+        _note_fallback(reason, path)
+    if batch.cpu_images is not None:
+        idx = batch.cpu_index.to(device, non_blocking=True)
+        out.index_copy_(0, idx, batch.cpu_images.to(device, non_blocking=True).float())
+    jpegs = batch.jpegs
+    dropped: list[int] = []
+    if jpegs:
+        result = nvjpeg_decode(jpegs, device, decode)
+        rejected = len(result.errors)
+        if rejected * 2 > len(jpegs) and rejected >= STOP_MIN_FILES:
+            k, msg = next(iter(result.errors.items()))
+            raise GpuDecodeError(f"data.pipeline=gpu: nvjpeg rejected {rejected} of the {len(jpegs)} JPEGs of a "
+                                 f"batch (e.g. {batch.paths[k]}: {msg}): the GPU decode is failing, not the files; "
+                                 "use data.pipeline=fast")
+        good = [k for k, img in enumerate(result.images) if img is not None]
+        if good:
+            boxes = [pixel_box(batch.boxes[k], *result.images[k].shape[-2:]) for k in good]
+            resized = resize_crops([result.images[k] for k in good], boxes, [batch.flips[k] for k in good], size)
+            pos = torch.tensor([batch.gpu_pos[k] for k in good], dtype=torch.int64).to(device, non_blocking=True)
+            out.index_copy_(0, pos, resized)
+        for k in result.errors:  # nvjpeg rejected the file: the CPU decodes it (counted)
+            path = batch.paths[k]
+            try:
+                img = _cpu_decode(jpegs[k], batch.boxes[k], size, batch.flips[k], path)
+            except CorruptImageError:
+                if not skip_corrupt:
+                    raise
+                dropped.append(batch.gpu_pos[k])
+                continue
+            _note_fallback("nvjpeg_error", path)
+            out[batch.gpu_pos[k]].copy_(img.to(device, non_blocking=True))
+    _note_batch(n - len(dropped))
+    mean, inv_std = _norm_constants(device)
+    out.sub_(mean).mul_(inv_std)  # elementwise ops keep channels_last
+    if not dropped:
+        return DecodedBatch(out, None, 0)
+    gone = set(dropped)
+    keep = [k for k in range(n) if k not in gone]
+    if not keep:
+        return DecodedBatch(None, None, len(dropped))
+    kept = torch.tensor(keep, dtype=torch.int64).to(device, non_blocking=True)
+    return DecodedBatch(out.index_select(0, kept).contiguous(memory_format=fmt), kept, len(dropped))
 
 
 def collate_samples(samples: Sequence[Union[PendingJpeg, CpuDecoded]]) -> EncodedBatch:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import attention, data, gpu, train, trainer
-from .common import BenchError
+from .common import BenchError, check_report_args
 
 COMMANDS = (data, train, trainer, attention, gpu)
 DESCRIPTION = """Throughput benchmarks, one command with sub-commands (run from the repository root)::
@@ -21,9 +21,11 @@ DESCRIPTION = """Throughput benchmarks, one command with sub-commands (run from 
     python -m scripts.bench gpu         # all of the GPU figures side by side in one process (<= 8 min)
 
 Every figure is measured side by side in one run (variants interleaved round by round, median over rounds
-with the min-max spread) and printed as a ratio to its reference. Reports go to
-``results/benchmarks/<command>.md`` with the machine and the exact command, unless ``--out`` says otherwise.
-``--quick`` runs tiny sizes (a smoke test: the figures mean nothing).
+with the min-max spread) and printed as a ratio to its reference. Each run writes a report with the machine
+and the exact command: to ``--out``, else ``runs/benchmarks/<command>.md``. The committed reference reports,
+``results/benchmarks/<command>.md``, change only with ``--publish`` (``gpu`` publishes CUDA figures only).
+``--quick`` runs tiny sizes (a smoke test: the figures mean nothing, no target verdicts; its report goes to a
+temporary folder, and it cannot be published).
 """
 
 
@@ -45,6 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.quick and args.out is None:  # smoke figures never replace the committed reports under results/
         args.out = str(Path(tempfile.gettempdir()) / "fcanet_bench_quick" / f"{args.command}.md")
     try:
+        check_report_args(args)
         args.run(args)
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)

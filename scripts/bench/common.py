@@ -7,6 +7,7 @@ import io
 import os
 import platform
 import shlex
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -103,17 +104,50 @@ def command_line(argv: Sequence[str]) -> str:
     return " ".join(["python -m scripts.bench", *(shlex.quote(a) for a in argv)])
 
 
-def write_report(path: Optional[str], default_name: str, title: str, machine: list[str], body: str,
-                 argv: Sequence[str]) -> Path:
-    """Write ``results/benchmarks/<default_name>`` (or ``path``) atomically: title, date, command, machine, body."""
+def report_path(args: argparse.Namespace, default_name: str) -> Path:
+    """Where a run's report goes: ``--out`` if given; ``results/benchmarks/<default_name>`` (the committed
+    reference figures) only with ``--publish``; else a scratch place that nothing reads: a fresh temporary
+    folder for ``--quick`` smoke runs, ``runs/benchmarks/<default_name>`` (git-ignored) for full runs."""
+    if getattr(args, "out", None):
+        return Path(args.out)
+    if getattr(args, "publish", False):
+        return RESULTS / default_name
+    if getattr(args, "quick", False):
+        return Path(tempfile.mkdtemp(prefix="fcanet_bench_quick_")) / default_name
+    return ROOT / "runs" / "benchmarks" / default_name
+
+
+def check_report_args(args: argparse.Namespace) -> None:
+    """Refuse option combinations that would put meaningless or misplaced figures under ``results/``."""
+    if getattr(args, "publish", False):
+        if getattr(args, "quick", False):
+            raise BenchError("--publish with --quick: smoke-run figures mean nothing and are never published to "
+                             "results/benchmarks/")
+        if getattr(args, "out", None):
+            raise BenchError("--publish writes results/benchmarks/<command>.md; give either --publish or --out")
+
+
+def target_verdict(args: argparse.Namespace, ok: bool, target: str) -> str:
+    """``within``/``NOT within`` ``target`` for a measured ratio; no verdict on ``--quick`` figures."""
+    if getattr(args, "quick", False):
+        return "no verdict on a --quick smoke run"
+    return f"{'within' if ok else 'NOT within'} {target}"
+
+
+def write_report(args: argparse.Namespace, default_name: str, title: str, machine: list[str], body: str) -> Path:
+    """Write the report (title, date, command, machine, body) atomically to :func:`report_path`."""
     from engine.fileio import atomic_write_text
-    out = Path(path) if path else RESULTS / default_name
+    out = report_path(args, default_name)
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = (f"# {title}\n\nMeasured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with\n\n"
-            f"```\n{command_line(argv)}\n```\n\nMachine:\n\n" + "".join(f"- {m}\n" for m in machine) + "\n"
+    smoke = ("**Smoke run (`--quick`): tiny sizes and models; the figures mean nothing.**\n\n"
+             if getattr(args, "quick", False) else "")
+    text = (f"# {title}\n\n{smoke}Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with\n\n"
+            f"```\n{command_line(args.argv)}\n```\n\nMachine:\n\n" + "".join(f"- {m}\n" for m in machine) + "\n"
             + body + "\n")
     atomic_write_text(out, text)
-    print(f"\nwrote {out}")
+    where = "" if getattr(args, "publish", False) or getattr(args, "out", None) else (
+        " (results/benchmarks/ changes only with --publish or --out)")
+    print(f"\nwrote {out}{where}")
     return out
 
 
@@ -271,11 +305,13 @@ def setup_threads(threads: int) -> None:
 
 # ----------------------------------------------------------------------------- shared argument groups
 def report_args() -> argparse.ArgumentParser:
-    """``--out`` and ``--quick`` (every sub-command)."""
+    """``--out``, ``--publish`` and ``--quick`` (every sub-command)."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--out", default=None, help="report path (default results/benchmarks/<command>.md; with --quick, "
-                   "<temp dir>/fcanet_bench_quick/<command>.md)")
-    p.add_argument("--quick", action="store_true", help="tiny smoke run (figures meaningless)")
+    p.add_argument("--out", default=None, help="report path (default: runs/benchmarks/<command>.md, or a temporary "
+                   "folder with --quick)")
+    p.add_argument("--publish", action="store_true",
+                   help="write the committed reference report results/benchmarks/<command>.md (not with --quick)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (figures meaningless, no verdicts)")
     return p
 
 

@@ -180,7 +180,7 @@ def run(args) -> None:
             [[k, s, f"{x:.2f}x", f"{y:.2f}x"] for k, s, x, y in summary]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    write_report(args.out, "data.md", "Input pipeline throughput", machine, "\n\n".join(sections), args.argv)
+    write_report(args, "data.md", "Input pipeline throughput", machine, "\n\n".join(sections))
 
 
 def add_parser(sub) -> None:

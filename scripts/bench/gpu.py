@@ -15,11 +15,13 @@
 Rows that need a GPU print ``needs CUDA`` on a CPU-only machine (compiled steps too, unless
 ``--compile-on-cpu``: CPU compilation of a ResNet-50 takes minutes, and ``tests/test_compile.py`` checks CPU
 compile correctness). ``--budget-s`` bounds the run: sections that would start after it are listed as skipped
-rather than run. Writes ``results/benchmarks/gpu.md``.
+rather than run. ``--publish`` writes ``results/benchmarks/gpu.md`` (refused unless the device is CUDA); otherwise
+the report goes to ``--out``, ``runs/benchmarks/gpu.md``, or a temporary folder for ``--quick``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import tempfile
@@ -32,11 +34,24 @@ import torch
 from .attention import QUICK_STAGES, STAGES, bench_stage
 from .common import (BenchError, device_args, interleaved_step_times, jpeg_args, machine_description,
                      make_train_step, md_table, parse_sizes, pick_device, report_args, resolve_precision,
-                     setup_threads, sync, write_jpeg_imagefolder, write_report)
+                     setup_threads, sync, target_verdict, write_jpeg_imagefolder, write_report)
 from .trainer import our_trainer_run, reference_recipe_run
 
 NEEDS_CUDA = "needs CUDA"
 OURS = ("resnet50", "senet50", "ecanet50", "fcanet50", "cbam50", "gcnet50", "gsopnet50")
+CUDNN_OFF = " cudnn.benchmark off"  # label suffix of the variants timed without cuDNN autotuning
+
+
+def _without_cudnn_benchmark(step: Callable) -> Callable:
+    """``step`` run with ``torch.backends.cudnn.benchmark`` off (restored on after each call): interleaved with
+    the other variants, which run with it on (``train.cudnn_benchmark``, the trainer's default)."""
+    def run(*args):
+        torch.backends.cudnn.benchmark = False
+        try:
+            return step(*args)
+        finally:
+            torch.backends.cudnn.benchmark = True
+    return run
 
 
 class Budget:
@@ -87,6 +102,7 @@ def bench_steps(args, device: torch.device, budget: Budget) -> tuple[str, dict[s
     medians: dict[str, float] = {}
     text = []
     main_batch = max(args.batches)
+    torch.backends.cudnn.benchmark = True  # as the trainer sets it (train.cudnn_benchmark, on by default)
     for batch in args.batches:
         torch.manual_seed(0)
         images = torch.randint(0, 256, (batch, 3, args.image_size, args.image_size), dtype=torch.uint8,
@@ -95,8 +111,16 @@ def bench_steps(args, device: torch.device, budget: Budget) -> tuple[str, dict[s
         steps: dict[str, Callable] = {n: make_train_step(b(), device, args.precision, args.channels_last)
                                       for n, b in builders.items()}
         compile_names = [n for n in args.compile_models if n in builders] if batch == main_batch else []
+        cudnn_names = [n for n in ("resnet50", "fcanet50") if n in builders] if batch == main_batch else []
         warm: dict[str, float] = {}
         notes: dict[str, str] = {}
+        for n in cudnn_names:
+            if cuda:
+                torch.manual_seed(0)
+                steps[n + CUDNN_OFF] = _without_cudnn_benchmark(
+                    make_train_step(builders[n](), device, args.precision, args.channels_last))
+            else:
+                notes[n + CUDNN_OFF] = NEEDS_CUDA
         for n in compile_names:
             label = f"{n} compiled"
             if not cuda and not args.compile_on_cpu:
@@ -130,26 +154,31 @@ def bench_steps(args, device: torch.device, budget: Budget) -> tuple[str, dict[s
         for n, v in med.items():
             medians[f"{n} @{batch}"] = v
         rows = []
-        for n in list(builders) + [f"{c} compiled" for c in compile_names]:
+        for n in list(builders) + [f"{c} compiled" for c in compile_names] + [c + CUDNN_OFF for c in cudnn_names]:
             if n not in med:
                 rows.append([n, notes.get(n, "-"), "", "", "", "", "", ""])
                 continue
             compiled = n.endswith(" compiled")
             base = "resnet50 compiled" if compiled and "resnet50 compiled" in med else "resnet50"
-            eager_twin = n[: -len(" compiled")] if compiled else None
+            twin = n[: -len(" compiled")] if compiled else n[: -len(CUDNN_OFF)] if n.endswith(CUDNN_OFF) else None
             rows.append([n, f"{med[n]:.0f}", f"{min(ips[n]):.0f}-{max(ips[n]):.0f}", f"{med[n] / med[base]:.3f} "
-                         f"(vs {base})", f"{med['fcanet50'] / med[n]:.3f}" if not compiled and "fcanet50" in med
-                         else "",
-                         f"{med[n] / med[eager_twin]:.2f}x" if compiled else "",
+                         f"(vs {base})", f"{med[n] / med['senet50']:.3f}" if n == "fcanet50" else "",
+                         f"{med[n] / med[twin]:.2f}x" if twin else "",
                          f"{warm[n]:.1f}" if n in warm else "", f"{peak[n] / 2**20:.0f}" if n in peak else ""])
-        table = md_table(["model", "img/s (median)", "min-max", "vs ResNet-50", "FcaNet-50 / this (eager)",
-                          "compiled / eager", "compile warm-up s", "peak MiB"], rows)
+        table = md_table(["model", "img/s (median)", "min-max", "vs ResNet-50", "FcaNet / SENet-50 (eager)",
+                          "vs its twin (compiled / eager; cudnn off / on)", "compile warm-up s", "peak MiB"], rows)
         checks = []
         if "fcanet50" in med and "senet50" in med:
-            checks.append(f"FcaNet-50 / SENet-50 eager: **{med['fcanet50'] / med['senet50']:.3f}** (target >= 1)")
+            ratio = med["fcanet50"] / med["senet50"]
+            checks.append(f"FcaNet-50 / SENet-50 eager: **{ratio:.3f}** "
+                          f"({target_verdict(args, ratio >= 1, 'the target >= 1')})")
         if "fcanet50 compiled" in med and "resnet50 compiled" in med:
             ratio = med["fcanet50 compiled"] / med["resnet50 compiled"]
-            checks.append(f"FcaNet-50 / ResNet-50 compiled: **{ratio:.3f}** (target >= 0.90)")
+            checks.append(f"FcaNet-50 / ResNet-50 compiled: **{ratio:.3f}** "
+                          f"({target_verdict(args, ratio >= 0.90, 'the target >= 0.90')})")
+        if "fcanet50" + CUDNN_OFF in med:
+            checks.append(f"cuDNN autotuning (train.cudnn_benchmark) on / off, FcaNet-50: "
+                          f"**{med['fcanet50'] / med['fcanet50' + CUDNN_OFF]:.3f}**")
         text.append(f"### Batch {batch}\n\n" + table + ("\n\n" + "; ".join(checks) + "." if checks else ""))
         print("\n" + text[-1])
         del steps
@@ -161,7 +190,8 @@ def bench_steps(args, device: torch.device, budget: Budget) -> tuple[str, dict[s
             f"rounds of {args.steps} steps, median (min-max over rounds); time = "
             f"{'wall clock' if device.type == 'cuda' else 'process CPU time'}. Compiled variants: "
             f"`torch.compile(model)` (inductor, default mode) at batch {main_batch}; warm-up = wall time of the "
-            "first step (forward + backward compilation).\n\n")
+            "first step (forward + backward compilation). Every variant runs with `torch.backends.cudnn.benchmark` "
+            f"on (the trainer's default) except the '{CUDNN_OFF.strip()}' ones (CUDA only).\n\n")
     return "## 1. Training step\n\n" + head + "\n\n".join(text), medians
 
 
@@ -190,26 +220,40 @@ def bench_trainer(args, device: torch.device, step_ips: dict[str, float], budget
     tmp = Path(tempfile.mkdtemp(prefix="fcanet_bench_gpu_"))
     rows = []
 
+    steps_per_epoch = args.trainer_images // args.trainer_batch
+
+    def input_path(run_dir: Path | None) -> list[str]:
+        """The timed epoch's input-path host time per batch from the run's metrics.jsonl: the loop waiting for
+        batches, and (gpu pipeline) the decode thread's time."""
+        try:
+            row = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()][-1]
+        except (TypeError, OSError, ValueError, IndexError):
+            return ["", ""]
+        per = 1e3 / steps_per_epoch
+        return [f"{row['input_wait_s'] * per:.1f}" if "input_wait_s" in row else "",
+                f"{row['decode_s'] * per:.1f}" if "decode_s" in row else "-"]
+
     def record(label: str, model: str, fn: Callable[[], list[tuple[int, float]]], need_s: float,
-               needs_cuda: bool = False) -> None:
+               needs_cuda: bool = False, run_dir: Path | None = None) -> None:
         step = step_ips.get(f"{model} @{args.trainer_batch}")
+        step_ms = f"{1e3 * args.trainer_batch / step:.1f}" if step else ""
         if needs_cuda and not cuda:
-            rows.append([label, model, NEEDS_CUDA, "", ""])
+            rows.append([label, model, NEEDS_CUDA, "", "", step_ms, "", ""])
             return
         if not budget.ok(f"trainer: {label}, {model}", need_s):
-            rows.append([label, model, "skipped (time budget)", "", ""])
+            rows.append([label, model, "skipped (time budget)", "", "", step_ms, "", ""])
             return
         try:
             per_epoch = fn()
         except (Exception, SystemExit) as e:  # e.g. a pipeline this checkout does not have: report, go on
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            rows.append([label, model, f"failed: {msg}", "", ""])
+            rows.append([label, model, f"failed: {msg}", "", "", step_ms, "", ""])
             print(f"  {label} {model}: failed: {msg}")
             return
         n, t = sum(e[0] for e in per_epoch[1:]), sum(e[1] for e in per_epoch[1:])
         ips = n / max(t, 1e-9)
         rows.append([label, model, f"{ips:.0f}", f"{ips / step:.2f}" if step else "",
-                     ", ".join(f"{a / max(b, 1e-9):.0f}" for a, b in per_epoch)])
+                     ", ".join(f"{a / max(b, 1e-9):.0f}" for a, b in per_epoch), step_ms, *input_path(run_dir)])
         print(f"  {label} {model}: {ips:.0f} img/s")
 
     def ns(model: str, workers: int) -> argparse.Namespace:
@@ -222,21 +266,25 @@ def bench_trainer(args, device: torch.device, step_ips: dict[str, float], budget
                  f"data.synthetic_val_size={args.trainer_batch}"]
         for model in args.trainer_models:
             record("synthetic data", model, lambda m=model: our_trainer_run(
-                tmp, ns(m, args.workers), device, epochs, "fast", tmp / f"synth_{m}", synth), need_s=30)
+                tmp, ns(m, args.workers), device, epochs, "fast", tmp / f"synth_{m}", synth), need_s=30,
+                run_dir=tmp / f"synth_{model}")
         root = tmp / "jpeg"
         write_jpeg_imagefolder(root / "train", args.sizes_list, n_img // 2)
         write_jpeg_imagefolder(root / "val", args.sizes_list, max(1, args.trainer_batch // 2))
         for model in args.trainer_models:
             record("JPEGs, pipeline fast", model, lambda m=model: our_trainer_run(
-                root, ns(m, args.workers), device, epochs, "fast", tmp / f"fast_{m}"), need_s=30)
+                root, ns(m, args.workers), device, epochs, "fast", tmp / f"fast_{m}"), need_s=30,
+                run_dir=tmp / f"fast_{model}")
             record(f"JPEGs, pipeline gpu ({args.gpu_workers} workers)", model, lambda m=model: our_trainer_run(
-                root, ns(m, args.gpu_workers), device, epochs, "gpu", tmp / f"gpu_{m}"), need_s=30, needs_cuda=True)
+                root, ns(m, args.gpu_workers), device, epochs, "gpu", tmp / f"gpu_{m}"), need_s=30, needs_cuda=True,
+                run_dir=tmp / f"gpu_{model}")
         ref_model = args.trainer_models[0]
         record("JPEGs, torchvision reference loop", ref_model,
                lambda: reference_recipe_run(root, ns(ref_model, args.workers), device, epochs), need_s=30)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    table = md_table(["run", "model", "train img/s (2nd epoch)", "vs its training step", "img/s per epoch"], rows)
+    table = md_table(["run", "model", "train img/s (2nd epoch)", "vs its training step", "img/s per epoch",
+                      "step ms/batch (section 1)", "input wait ms/batch", "decode thread ms/batch"], rows)
     print("\n" + table)
     return ("## 3. Whole trainer\n\n"
             f"`engine.trainer.fit` with configs/base/imagenet.yaml, batch {args.trainer_batch}, {n_img} images, "
@@ -247,7 +295,10 @@ def bench_trainer(args, device: torch.device, step_ips: dict[str, float], budget
             "well below on JPEGs = data-bound; on CPU the step is timed in process CPU time, the trainer in wall "
             "time, so this ratio is only meaningful on CUDA). Reference loop: ImageFolder + PIL + torchvision "
             "transforms + DataLoader(pin_memory) + the same model, optimizer and loss, `loss.item()` every "
-            "step.\n\n" + table)
+            "step. Input path, host time per batch of the timed epoch (metrics.jsonl): 'input wait' = the training "
+            "loop blocked waiting for its next batch (0 = the input path keeps up), 'decode thread' = the gpu "
+            "pipeline's decode + crop + resize on its own thread and CUDA stream, beside the step time of "
+            "section 1.\n\n" + table)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -257,6 +308,9 @@ def _csv(text: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
+    if args.publish and device.type != "cuda":
+        raise BenchError(f"--publish: results/benchmarks/gpu.md holds GPU figures and this run's device is {device}; "
+                         "run on a CUDA GPU, or give --out")
     setup_threads(args.threads)
     args.precision = resolve_precision(args.precision, device)
     if args.channels_last is None:
@@ -294,8 +348,8 @@ def run(args: argparse.Namespace) -> None:
     if budget.skipped:
         tail += " Skipped for time: " + "; ".join(budget.skipped) + "."
     print("\n" + tail)
-    write_report(args.out, "gpu.md", "GPU throughput: steps, compile, pooling, whole trainer", machine,
-                 "\n\n".join(sections) + "\n\n" + tail, args.argv)
+    write_report(args, "gpu.md", "GPU throughput: steps, compile, pooling, whole trainer", machine,
+                 "\n\n".join(sections) + "\n\n" + tail)
 
 
 def add_parser(sub) -> None:

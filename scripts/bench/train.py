@@ -9,7 +9,7 @@ import torch
 
 from .common import (BenchError, device_args, interleaved_step_times, machine_description, make_train_step,
                      md_table, pick_device, report_args, resolve_precision, setup_threads, spread, step_args, sync,
-                     write_report)
+                     target_verdict, write_report)
 
 
 def run(args) -> None:
@@ -63,12 +63,12 @@ def run(args) -> None:
             f"(torch threads {torch.get_num_threads()}).\n\n" + table)
     if "fcanet50" in med and "senet50" in med:
         ratio = med["fcanet50"] / med["senet50"]
-        verdict = "within" if ratio >= 0.97 else "NOT within"
-        body += (f"\n\nFcaNet-50 / SENet-50 training throughput: **{ratio:.3f}** ({verdict} the 3% target; "
+        verdict = target_verdict(args, ratio >= 0.97, "the 3% target")
+        body += (f"\n\nFcaNet-50 / SENet-50 training throughput: **{ratio:.3f}** ({verdict}; "
                  f"per-round ratios: " + ", ".join(f"{a / b:.3f}" for a, b in zip(ips['fcanet50'], ips['senet50']))
                  + ").")
     print("\n" + body)
-    write_report(args.out, "train.md", "Training-step throughput", machine, body, args.argv)
+    write_report(args, "train.md", "Training-step throughput", machine, body)
 
 
 def add_parser(sub) -> None:

@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "slurm_train.sbatch"
 DEMO = ROOT / "configs" / "demo" / "fcanet_digits.yaml"
 EPOCHS = 3
-TIMING_KEYS = {"img_per_s", "epoch_time_s", "wall_time_s", "train_img_per_s", "gpu_hours", "output_dir",
-               "git_commit"}
+TIMING_KEYS = {"img_per_s", "epoch_time_s", "warmup_s", "input_wait_s", "decode_s", "wall_time_s", "train_img_per_s",
+               "gpu_hours", "output_dir", "git_commit"}
 
 
 def demo_overrides(data_root: Path, out: Path, **extra) -> list[str]:

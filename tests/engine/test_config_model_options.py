@@ -2,7 +2,6 @@
 and options the chosen model would ignore."""
 from __future__ import annotations
 
-import inspect
 import subprocess
 import sys
 

@@ -177,6 +177,16 @@ def test_fallbacks_are_counted_and_named_once(tmp_path, capsys):
     assert gd.fallback_counts(reset=True)["not_jpeg"] == 4 and gd.fallback_counts() == {}
 
 
+def rejecting(*bad_sizes: int):
+    """A batched decode (:data:`gd.DecodeFn`) like nvjpeg's that rejects the files of the given byte sizes with
+    torchvision's message for a bitstream nvjpeg cannot decode (nvjpeg status 3, bad JPEG)."""
+    def decode(data, dev):
+        if any(d.numel() in bad_sizes for d in data):
+            raise RuntimeError("Error while decoding JPEG images: Failed to decode batch: 3")
+        return cpu_decode(data, dev)
+    return decode
+
+
 def test_a_file_nvjpeg_rejects_is_decoded_on_the_cpu_and_counted(tmp_path):
     root = _tree(tmp_path, {"a/0.jpg": _jpeg(_photo(60, 80)), "a/1.jpg": _jpeg(_photo(64, 64, seed=1))})
     loader, tf = pl.build_val_transform(32, 40, "gpu")
@@ -185,48 +195,9 @@ def test_a_file_nvjpeg_rejects_is_decoded_on_the_cpu_and_counted(tmp_path):
     gd.fallback_counts(reset=True)
     expect = batch.to_model_input("cpu", decode=cpu_decode)
     assert gd.fallback_counts() == {}
-    got = batch.to_model_input("cpu", decode=lambda data, dev: [None, *cpu_decode(data[1:], dev)])
+    got = batch.to_model_input("cpu", decode=rejecting(batch.jpeg_sizes[0]))
     assert gd.fallback_counts(reset=True) == {"nvjpeg_error": 1}
     assert (_unnormalize(got) - _unnormalize(expect)).abs().max() <= 2.0
-
-
-class _FakeNvjpeg:
-    """Stands in for torchvision's decode_jpeg in :func:`gd.nvjpeg_decode`: decodes on the CPU, but raises
-    ``batch_error`` for a batched (list) call and ``file_error`` for the single files in ``bad``."""
-
-    def __init__(self, batch_error: Exception | None = None, file_error: Exception | None = None, bad=()):
-        self.batch_error, self.file_error, self.bad, self.calls = batch_error, file_error, set(bad), 0
-
-    def __call__(self, data, mode, device):
-        self.calls += 1
-        if isinstance(data, list):
-            if self.batch_error is not None:
-                raise self.batch_error
-            return [decode_jpeg(d, mode=mode) for d in data]
-        if data.numel() in self.bad:
-            raise self.file_error
-        return decode_jpeg(data, mode=mode)
-
-
-def test_nvjpeg_decode_falls_back_per_file_only_for_file_failures(tmp_path, monkeypatch):
-    files = [torch.frombuffer(bytearray(_jpeg(_photo(40 + k, 48, seed=k))), dtype=torch.uint8) for k in range(3)]
-    bad_size = files[1].numel()
-    file_err = RuntimeError("nvjpegDecodeBatchedPhaseOne failed: 7")
-    fake = _FakeNvjpeg(batch_error=file_err, file_error=file_err, bad={bad_size})
-    monkeypatch.setattr(gd, "decode_jpeg", fake)
-    out = gd.nvjpeg_decode(files, torch.device("cpu"))
-    assert [o is None for o in out] == [False, True, False] and fake.calls == 4  # batch, then file by file
-    assert torch.equal(out[0], decode_jpeg(files[0], mode=ImageReadMode.RGB))
-    # The device failing is not a file nvjpeg rejects: raised as is, in the batched call or file by file.
-    for err in (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-                RuntimeError("CUDA error: an illegal memory access was encountered"),
-                RuntimeError("nvjpeg: out of memory")):
-        monkeypatch.setattr(gd, "decode_jpeg", _FakeNvjpeg(batch_error=err))
-        with pytest.raises(type(err), match=str(err)[:20]):
-            gd.nvjpeg_decode(files, torch.device("cpu"))
-        monkeypatch.setattr(gd, "decode_jpeg", _FakeNvjpeg(batch_error=file_err, file_error=err, bad={bad_size}))
-        with pytest.raises(type(err), match=str(err)[:20]):
-            gd.nvjpeg_decode(files, torch.device("cpu"))
 
 
 def test_a_file_no_decoder_can_read_names_the_file(tmp_path):
@@ -239,7 +210,7 @@ def test_a_file_no_decoder_can_read_names_the_file(tmp_path):
     batch, _, _ = collate([ds[0], ds[1]])
     assert len(batch.gpu_pos) == 2  # the header looks fine: found out only when decoding
     with pytest.raises(CorruptImageError, match="broken.jpg"):
-        batch.to_model_input("cpu", decode=lambda data, dev: [None] * len(data))
+        batch.to_model_input("cpu", decode=rejecting(len(broken)))
 
 
 def test_unreadable_files_are_caught_in_the_worker_like_the_other_pipelines(tmp_path):

@@ -105,7 +105,7 @@ def test_both_splits_give_an_imagefolder_with_verified_counts(tmp_path, capsys):
         f"{WNIDS[2]}/ILSVRC2012_val_00000001.JPEG", f"{WNIDS[2]}/ILSVRC2012_val_00000004.JPEG",
         f"{WNIDS[2]}/ILSVRC2012_val_00000005.JPEG"]
     assert (out / "val" / WNIDS[2] / "ILSVRC2012_val_00000004.JPEG").read_bytes() == b"jpeg4"
-    assert sorted(os.listdir(out)) == ["train", "val"]  # no staging folder left behind
+    assert sorted(os.listdir(out)) == [prep.LOCK_NAME, "train", "val"]  # no staging folder left behind
     train = ImageFolder(str(out / "train"))  # what the trainer reads
     assert train.classes == WNIDS and len(train) == 12 and train[0][0].size == (7, 6)
 
@@ -131,12 +131,16 @@ def test_counts_are_checked_and_verify_repairs_a_damaged_class(tmp_path, capsys)
     images = make_train_tar(tmp_path / "train.tar")
     out = tmp_path / "imagenet"
     args = ["--out", str(out), "--train-tar", str(tmp_path / "train.tar"), "--workers", "1"]
-    # The real dataset's counts are the default: a miniature (or an incomplete download) fails the check.
+    # The real dataset's counts are the default: a miniature (or an incomplete download) fails the check,
+    # before anything is written.
     assert prep.main(args) == 2
-    _one_line_error(capsys, "12 images in 3 class folders", "expected 1,281,167 in 1,000")
+    _one_line_error(capsys, "3 class tars, expected 1,000", "nothing written")
+    assert not (out / "train").exists()
+    assert prep.main(args + _expect()) == 0
+    capsys.readouterr()
     (out / "train" / WNIDS[2] / f"{WNIDS[2]}_1001.JPEG").unlink()  # a file lost after extraction
     assert prep.main(args + _expect()) == 2
-    _one_line_error(capsys, "11 images")
+    _one_line_error(capsys, "11 images", f"1 class(es) differ from the archive: {WNIDS[2]} has 3 of 4", "--verify")
     (out / "train" / WNIDS[0] / f"{WNIDS[0]}_1000.JPEG").write_bytes(b"\xff\xd8")  # a truncated file
     assert prep.main(args + _expect() + ["--verify"]) == 0  # re-reads the tarball and re-extracts both classes
     assert _files(out / "train") == images
@@ -153,7 +157,15 @@ def test_val_is_restartable_and_checks_counts(tmp_path, capsys):
     assert (out / WNIDS[0] / "ILSVRC2012_val_00000002.JPEG").read_bytes() == b"jpeg2"
     assert prep.main(["--out", str(tmp_path), "--val-tar", str(val_tar), "--devkit", str(devkit),
                       *_expect(val=6)]) == 2
-    _one_line_error(capsys, "5 images in 3 class folders", "expected 6 in 3 for val")
+    _one_line_error(capsys, "labels 5 val images, expected 6", "nothing written")
+    (out / WNIDS[2] / "ILSVRC2012_val_00000005.JPEG").unlink()  # lost after preparation: named on the rerun
+    (out / WNIDS[2] / "ILSVRC2012_val_00000004.JPEG").rename(out / WNIDS[2] / "x.tmp")  # an unfinished write
+    assert prep.main(["--out", str(tmp_path), "--val-tar", str(val_tar), "--devkit", str(devkit), *_expect()]) == 0
+    capsys.readouterr()
+    assert (out / WNIDS[2] / "ILSVRC2012_val_00000005.JPEG").is_file()  # the rerun completed the class
+    (out / WNIDS[1] / "ILSVRC2012_val_00000003.JPEG").unlink()
+    with pytest.raises(prep.PrepareError, match=f"1 class\\(es\\) differ from the archive: {WNIDS[1]} has 0 of 1"):
+        prep.check_counts("val", out, 5, 3, {WNIDS[0]: 1, WNIDS[1]: 1, WNIDS[2]: 3})
 
 
 @pytest.mark.parametrize("case", ["missing", "val_as_train", "not_a_tar", "truncated_class", "bad_devkit",
