@@ -19,8 +19,8 @@ _API = {"create_model": "registry", "list_models": "registry", "count_params": "
         "SE": "attention", "ECA": "attention", "FCA": "attention", "DCTPooling": "attention",
         "CBAM": "attention", "GlobalContext": "attention", "GSoP": "attention"}
 __all__ = ["create_model", "list_models", "model_options", "load_weights", "load_checkpoint", "read_state_dict",
-           "count_params", "LoadReport", "ResNet", "AttentionConfig", "SE", "ECA", "FCA", "DCTPooling", "CBAM", "GlobalContext",
-           "GSoP", "register_timm"]
+           "count_params", "LoadReport", "ResNet", "AttentionConfig", "SE", "ECA", "FCA", "DCTPooling", "CBAM",
+           "GlobalContext", "GSoP", "register_timm"]
 
 
 def register_timm() -> list[str]:

@@ -166,7 +166,9 @@ def test_every_model_runs_and_backprops(name):
     out.logsumexp(1).sum().backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
-        if ".att." in pname:  # every attention parameter must learn
+        # every attention parameter must learn, but for GC's attention-pooling bias: softmax over the positions
+        # is invariant to it, so its gradient is zero up to rounding (exactly zero with some thread counts)
+        if ".att." in pname and not pname.endswith("conv_mask.bias"):
             assert p.grad.abs().sum() > 0, pname
 
 
