@@ -24,6 +24,7 @@ checkpoints onto them.
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -72,7 +73,9 @@ class DetectorOptions:
         box_loss: ``smooth_l1`` (torchvision) or ``l1`` (MMDetection 2), for both the RPN and the RoI head.
         roi_align: ``torchvision`` (aligned=False, sampling_ratio=2) or ``aligned`` (aligned=True, adaptive
             sampling: MMDetection 2).
+        rpn_pre_nms_train: RPN proposals per level before NMS in training (2000 in both libraries).
         rpn_post_nms_train: RPN proposals kept per image in training (torchvision 2000, MMDetection 2 1000).
+        roi_batch_per_image: RoIs sampled per image for the box head in training (512; 25% positive at most).
         rcnn_sampler: ``random`` (512 RoIs, 25% positive) or ``ohem`` (the hardest 512 by classification loss).
         min_size / max_size: shorter / longer image side after resizing (evaluation; training too unless
             ``train_min_sizes`` is set).
@@ -92,7 +95,9 @@ class DetectorOptions:
     norm: str = "frozen_stats"
     box_loss: str = "smooth_l1"
     roi_align: str = "torchvision"
+    rpn_pre_nms_train: int = 2000
     rpn_post_nms_train: int = 2000
+    roi_batch_per_image: int = 512
     rcnn_sampler: str = "random"
     min_size: int = 800
     max_size: int = 1333
@@ -249,7 +254,11 @@ def build_backbone(options: DetectorOptions, weights: Any = None,
     resnet = create_model(options.backbone, **dict(options.backbone_kwargs))
     channels = stage_channels(resnet, options.backbone)
     if weights is not None:
-        report = load_weights(resnet, weights, ignore=("fc.",))
+        try:
+            report = load_weights(resnet, weights, ignore=("fc.",))
+        except (ValueError, FileNotFoundError) as e:
+            where = f" {weights}" if isinstance(weights, (str, os.PathLike)) else ""
+            raise ValueError(f"backbone checkpoint{where}: {str(e).splitlines()[0]}") from None
         log(f"backbone init: {report.summary()}")
     body = ResNetBody(resnet, options.frozen_stages, options.norm)
     return BackboneWithFPN(body, channels, options.fpn_channels)
@@ -307,6 +316,15 @@ def _box_loss(kind: str, pred: torch.Tensor, target: torch.Tensor, normaliser: i
     else:
         loss = F.smooth_l1_loss(pred, target, beta=1 / 9, reduction="sum")
     return loss / max(normaliser, 1)
+
+
+class FloatRPNHead(RPNHead):
+    """torchvision's RPN head with float32 outputs: under bf16 autocast the anchors would otherwise be cast to
+    bf16 when the proposals are decoded."""
+
+    def forward(self, x: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
 
 
 class RPN(RegionProposalNetwork):
@@ -420,8 +438,10 @@ class BoxPredictor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.flatten(1)
-        deltas = self.bbox_pred(x)
-        return self.cls_score(x), torch.cat([deltas.new_zeros(deltas.shape[0], 4), deltas], dim=1)
+        # float32 out: under bf16 autocast torchvision's BoxCoder would cast the proposals to bf16 for decoding
+        # (8-bit mantissa: 4 px steps at 1000 px).
+        deltas = self.bbox_pred(x).float()
+        return self.cls_score(x).float(), torch.cat([deltas.new_zeros(deltas.shape[0], 4), deltas], dim=1)
 
 
 class MaskPredictor(nn.Sequential):
@@ -439,7 +459,7 @@ class MaskPredictor(nn.Sequential):
                 nn.init.zeros_(param)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = super().forward(x)
+        logits = super().forward(x).float()
         return torch.cat([logits.new_zeros((logits.shape[0], 1) + logits.shape[2:]), logits], dim=1)
 
 
@@ -519,9 +539,9 @@ def build_detector(options: DetectorOptions, backbone_weights: Any = None,
     backbone = build_backbone(options, backbone_weights, log)
     ch = options.fpn_channels
     anchors = StridedAnchorGenerator(options.anchor_sizes)
-    rpn = RPN(anchors, RPNHead(ch, anchors.num_anchors_per_location()[0]), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
+    rpn = RPN(anchors, FloatRPNHead(ch, anchors.num_anchors_per_location()[0]), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
               batch_size_per_image=256, positive_fraction=0.5,
-              pre_nms_top_n=dict(training=2000, testing=1000),
+              pre_nms_top_n=dict(training=options.rpn_pre_nms_train, testing=1000),
               post_nms_top_n=dict(training=options.rpn_post_nms_train, testing=1000), nms_thresh=0.7,
               box_loss=options.box_loss)
     names = ["0", "1", "2", "3"]
@@ -539,7 +559,7 @@ def build_detector(options: DetectorOptions, backbone_weights: Any = None,
                            mask_predictor=MaskPredictor(layers[-1], layers[-1], options.num_classes))
     roi_heads = DetectionRoIHeads(
         pooler(7, 2), box_head, BoxPredictor(options.box_head_dim, options.num_classes),
-        fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=512, positive_fraction=0.25,
+        fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=options.roi_batch_per_image, positive_fraction=0.25,
         bbox_reg_weights=None, score_thresh=0.05, nms_thresh=0.5, detections_per_img=100,
         box_loss=options.box_loss, sampler=options.rcnn_sampler, **mask_kwargs)
     transform = DetectionTransform(options.min_size, options.max_size, options.train_min_sizes,

@@ -24,7 +24,9 @@ class DetModelConfig:
     norm: str = _f("frozen_stats", choices=("frozen_stats", "frozen", "train"))
     box_loss: str = _f("smooth_l1", choices=("smooth_l1", "l1"))
     roi_align: str = _f("torchvision", choices=("torchvision", "aligned"))
-    rpn_post_nms_train: int = _f(2000, min=1)
+    rpn_pre_nms_train: int = _f(2000, min=1, help="RPN proposals per FPN level before NMS, training")
+    rpn_post_nms_train: int = _f(2000, min=1, help="RPN proposals per image after NMS, training")
+    roi_batch_per_image: int = _f(512, min=1, help="RoIs sampled per image for the box head, training")
     rcnn_sampler: str = _f("random", choices=("random", "ohem"))
     fpn_channels: int = _f(256, min=1)
     box_head_dim: int = _f(1024, min=1)
@@ -109,7 +111,8 @@ def detector_options(cfg: DetConfig):
         return DetectorOptions(
             arch=m.arch, backbone=m.backbone, backbone_kwargs=dict(m.kwargs), num_classes=m.num_classes,
             frozen_stages=m.frozen_stages, norm=m.norm, box_loss=m.box_loss, roi_align=m.roi_align,
-            rpn_post_nms_train=m.rpn_post_nms_train, rcnn_sampler=m.rcnn_sampler, min_size=d.min_size,
+            rpn_pre_nms_train=m.rpn_pre_nms_train, rpn_post_nms_train=m.rpn_post_nms_train,
+            roi_batch_per_image=m.roi_batch_per_image, rcnn_sampler=m.rcnn_sampler, min_size=d.min_size,
             max_size=d.max_size, train_min_sizes=tuple(d.train_min_sizes), train_max_size=d.train_max_size,
             canvas=tuple(d.canvas) if d.canvas is not None else None, fpn_channels=m.fpn_channels,
             box_head_dim=m.box_head_dim, mask_head_channels=tuple(m.mask_head_channels),

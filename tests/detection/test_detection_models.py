@@ -115,7 +115,7 @@ def test_canvas_too_small_is_refused():
 
 
 def test_backbone_without_fpn_stages_is_refused():
-    with pytest.raises(ValueError, match="has no FPN stages.*missing layer1"):
+    with pytest.raises(ValueError, match=r"has no FPN stages.*\(missing conv1, .*layer4\)"):
         stage_channels(nn.Sequential(nn.Conv2d(3, 8, 3)), "mlp")
     with pytest.raises(ValueError, match="strides"):
         build_detector(DetectorOptions(backbone="resnet10", backbone_kwargs=dict(stem="cifar", widths=[8, 8, 8, 8]),
