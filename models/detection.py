@@ -178,12 +178,17 @@ class ResNetBody(nn.Module):
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """(N, 3, H, W) -> C2..C5: (N, C_s, H / 2^(s+2), W / 2^(s+2)) (ceil), keys "0".."3"."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-        for i, name in enumerate(STAGES):
-            x = getattr(self, name)(x)
-            out[str(i)] = x
-        return out
+        return _stages(self, x)
+
+
+def _stages(m: nn.Module, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    """The stem and the four stages of ``m`` (a ResNet or its body) on ``x``: C2..C5 keyed "0".."3"."""
+    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    for i, name in enumerate(STAGES):
+        x = getattr(m, name)(x)
+        out[str(i)] = x
+    return out
 
 
 def _freeze_batchnorm(module: nn.Module) -> None:
@@ -225,16 +230,12 @@ def stage_channels(resnet: nn.Module, name: str) -> list[int]:
     if missing:
         raise ValueError(f"backbone {name!r} has no FPN stages: detection needs a ResNet-style model with "
                          f"{', '.join(STEM + STAGES)} (missing {', '.join(missing)})")
-    probe = ResNetBody.__new__(ResNetBody)  # the forward of the body, without freezing anything
-    nn.Module.__init__(probe)
-    for n in STEM + STAGES:
-        probe.add_module(n, getattr(resnet, n))
     was_training = resnet.training
     resnet.eval()
     size = 64
     device = next(resnet.parameters()).device
     with torch.no_grad():
-        feats = ResNetBody.forward(probe, torch.zeros(1, 3, size, size, device=device))
+        feats = _stages(resnet, torch.zeros(1, 3, size, size, device=device))
     resnet.train(was_training)
     strides = [size // f.shape[-1] for f in feats.values()]
     if strides != list(FPN_STRIDES):
