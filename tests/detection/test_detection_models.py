@@ -201,3 +201,16 @@ def test_backbone_initialises_from_imagenet_weights():
     assert "loaded" in logs[0]
     assert torch.equal(model.backbone.body.layer4[0].conv2.weight, resnet.layer4[0].conv2.weight)
     assert torch.equal(model.backbone.body.layer2[0].bn1.running_var, resnet.layer2[0].bn1.running_var)
+
+
+def test_every_table_row_has_a_config():
+    from engine.detection.config import load_detection_config
+
+    for arch, backbone, _ in ROWS:
+        cfg = load_detection_config(ROOT / "configs" / "coco" / f"{arch}_{backbone}.yaml")
+        got = (cfg.model.arch, cfg.model.backbone, cfg.train.epochs, cfg.optim.lr_steps)
+        assert got == (arch, backbone, 12, [8, 11])
+        assert cfg.optim.base_lr == 0.02 and cfg.data.canvas is None and cfg.model.frozen_stages == 1
+    authors = load_detection_config(ROOT / "configs/coco/mask_rcnn_fcanet50_authors.yaml")
+    assert (authors.model.norm, authors.model.frozen_stages, authors.model.rcnn_sampler, authors.data.canvas,
+            authors.train.batch_size) == ("frozen", 0, "ohem", [800, 1333], 1)
