@@ -25,7 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
-from engine.data import DataError, ExactEvalBatchSampler  # noqa: F401 - the eval shards of the ImageNet loops
+from engine.data import DataError
 
 
 def annotation_file(root: str | Path, split: str) -> Path:
