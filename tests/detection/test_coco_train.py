@@ -79,6 +79,7 @@ def test_cli_train_then_eval_prints_one_json_line(shapes_root, tmp_path, tiny):
     assert line["bbox_AP"] == summary["final"]["bbox_AP"] and line["images"] == 2
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line(tmp_path):
     done = _cli("train_coco.py", "--config", str(ROOT / "configs/coco/base_faster_rcnn_1x.yaml"),
                 f"data.root={tmp_path}", "model.backbone=resnet18", f"output_dir={tmp_path / 'run'}")
