@@ -111,3 +111,15 @@ def test_demo_learns_well_above_chance(tmp_path):
         "train.eval_every_epochs=3", "data.max_val_images=50", "train.progress=false", "train.tensorboard=false"])
     final = fit(cfg)["final"]
     assert final["bbox_AP50"] > 1 and final["segm_AP50"] > 1, final  # 20x the untrained detector's
+
+
+def test_sigterm_checkpoints_and_the_rerun_finishes(shapes_root, tmp_path, tiny):
+    """SIGTERM (Slurm preemption) after step 1: checkpoint at that step, status 'preempted'; the rerun resumes
+    there and completes."""
+    out = tmp_path / "run"
+    cfg = lambda *extra: load_detection_config(None, tiny(  # noqa: E731
+        shapes_root, out, "train.epochs=1", "train.max_steps_per_epoch=3", "data.max_val_images=2", *extra))
+    assert fit(cfg("debug.signal_after_steps=1")) == {"status": "preempted"}
+    assert _final(out)["global_step"] == 1 and not (out / "summary.json").exists()
+    done = fit(cfg())
+    assert done["status"] == "complete" and done["global_steps"] == 3
