@@ -114,6 +114,16 @@ class CocoDetectionSet(Dataset):
         self.coco = coco
         self.cat_ids = sorted(c["id"] for c in coco.dataset["categories"])
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        ann_file = annotation_file(root, split)
+        for a in coco.dataset["annotations"]:  # malformed entries: one line here, not a traceback mid-epoch
+            if a.get("category_id") not in self.cat_to_label:
+                raise DataError(f"{ann_file}: annotation {a.get('id')} has category {a.get('category_id')!r}, which "
+                                "is not among the file's categories")
+            if not isinstance(a.get("bbox"), list) or len(a["bbox"]) != 4 or a.get("image_id") not in coco.imgs:
+                raise DataError(f"{ann_file}: annotation {a.get('id')} lacks a 4-number bbox or a known image_id")
+            if with_masks and train and "segmentation" not in a:
+                raise DataError(f"{ann_file}: annotation {a.get('id')} has no segmentation (Mask R-CNN trains on "
+                                "masks)")
         ids = sorted(coco.imgs)
         if train:
             ids = [i for i in ids if any(_usable(a) for a in coco.imgToAnns.get(i, []))]

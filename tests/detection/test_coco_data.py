@@ -68,6 +68,9 @@ def test_one_line_errors(shapes_root, tmp_path):
     ann.write_text(json.dumps(bad))
     with pytest.raises(DataError, match="leaves"):
         CocoDetectionSet(root, "val2017", train=False)
+    ann.write_text(json.dumps({**data, "annotations": [{**data["annotations"][0], "category_id": 2}]}))
+    with pytest.raises(DataError, match=r"annotation \d+ has category 2, which is not among the file.s categories"):
+        CocoDetectionSet(root, "val2017", train=False)
     ann.write_text(json.dumps(data))
     (root / "val2017" / data["images"][2]["file_name"]).unlink()
     ds = CocoDetectionSet(root, "val2017", train=False)
