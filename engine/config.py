@@ -258,8 +258,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
 
 
-def _build(cls: type, raw: Any, prefix: str = "") -> Any:
-    """Instantiate dataclass ``cls`` from a nested mapping, checking keys, types and values."""
+def _build(cls: type, raw: Any, prefix: str = "", root: type | None = None) -> Any:
+    """Instantiate dataclass ``cls`` from a nested mapping, checking keys, types and values. ``root``: the whole
+    schema (for suggestions on an unknown key; default ``cls``, e.g. another tool's schema built from these
+    helpers)."""
+    root = root or cls
     section = prefix[:-1] if prefix else "<top level>"
     if not isinstance(raw, dict):
         raise ConfigError(f"config section '{section}': expected a mapping, got {raw!r}")
@@ -267,7 +270,7 @@ def _build(cls: type, raw: Any, prefix: str = "") -> Any:
     names = {f.name for f in fields(cls)}
     for key in raw:
         if key not in names:
-            raise _unknown(prefix + str(key), all_keys())
+            raise _unknown(prefix + str(key), all_keys(root))
     kwargs = {}
     for f in fields(cls):
         key = prefix + f.name
@@ -275,7 +278,7 @@ def _build(cls: type, raw: Any, prefix: str = "") -> Any:
             continue
         tp = hints[f.name]
         if is_dataclass(tp):
-            kwargs[f.name] = _build(tp, raw[f.name] if raw[f.name] is not None else {}, key + ".")
+            kwargs[f.name] = _build(tp, raw[f.name] if raw[f.name] is not None else {}, key + ".", root)
             continue
         choices, low = f.metadata.get("choices"), f.metadata.get("min")
         value = raw[f.name]
@@ -447,10 +450,13 @@ def parse_override(text: str) -> tuple[str, Any]:
 SECTIONS: set[str] = set()  # filled below, once the schema helpers exist
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Set dotted keys in the nested mapping ``raw`` (a copy is returned)."""
+def apply_overrides(raw: dict, overrides: list[str], schema: type | None = None) -> dict:
+    """Set dotted keys in the nested mapping ``raw`` (a copy is returned), checked against ``schema`` (default
+    :class:`Config`)."""
     raw = copy.deepcopy(raw)
-    valid = set(all_keys())
+    schema = schema or Config
+    valid = set(all_keys(schema))
+    sections = SECTIONS if schema is Config else _sections(schema)
     for text in overrides:
         key, value = parse_override(text)
         parts = key.split(".")
@@ -463,7 +469,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        if key in SECTIONS:
+        if key in sections:
             # A whole section (`train={epochs: 6}`) merges into the file's values, like a YAML file would;
             # replacing it would silently reset its other keys to the schema defaults.
             if not isinstance(value, dict):
