@@ -15,7 +15,7 @@ import os
 import random
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -111,9 +111,19 @@ def save_last(obj: Any, folder: str | Path, name: str = "last.pth") -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a training checkpoint and check its layout (:func:`check_layout`) before anything uses it; raise
-    :class:`CheckpointError` (one line naming the file) if it is unusable."""
+def check_classifier_checkpoint(ckpt: dict, path: str | Path) -> None:
+    """The classification trainer's checkpoint: every entry present (``REQUIRED``) and well formed."""
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    check_layout(ckpt, path)
+
+
+def load_checkpoint(path: str | Path,
+                    validate: Callable[[dict, Path], None] = check_classifier_checkpoint) -> dict:
+    """Load a training checkpoint and check it with ``validate`` (default: the classification trainer's
+    layout, :func:`check_layout`) before anything uses it; raise :class:`CheckpointError` (one line naming the
+    file) if it is unusable."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -126,10 +136,7 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a training checkpoint of this project "
                               f"(use model.init_checkpoint to start from foreign weights)")
-    missing = [k for k in REQUIRED if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
-    check_layout(ckpt, path)
+    validate(ckpt, path)
     return ckpt
 
 
@@ -347,7 +354,8 @@ def merge_meters(meters: list[dict]) -> dict:
             "first_bad": torch.stack([m["first_bad"] for m in meters]).min()}
 
 
-def find_resumable(folder: str | Path, log=print, quarantine: bool = True) -> tuple[dict, Path] | None:
+def find_resumable(folder: str | Path, log=print, quarantine: bool = True,
+                   validate: Callable[[dict, Path], None] = check_classifier_checkpoint) -> tuple[dict, Path] | None:
     """The newest loadable checkpoint in ``folder`` (``last.pth``, else ``last.prev.pth``), or None.
 
     ``quarantine``: move an unusable ``last.pth`` aside (only one process of a DDP job may do it; the others
@@ -359,7 +367,7 @@ def find_resumable(folder: str | Path, log=print, quarantine: bool = True) -> tu
         if not path.exists():
             continue
         try:
-            found = load_checkpoint(path), path
+            found = load_checkpoint(path, validate), path
         except CheckpointError as e:
             errors.append(str(e))
             log(f"warning: {e}; trying the previous checkpoint")

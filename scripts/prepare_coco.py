@@ -29,7 +29,7 @@ def check_split(root: Path, split: str, sample: int, seed: int = 0) -> str:
     """One summary line for ``split``; raises ``DataError`` (one line) on the first problem."""
     from PIL import Image
 
-    from engine.data import DataError
+    from engine.data.errors import DataError
     from engine.detection.data import load_coco_index
 
     coco = load_coco_index(root, split).coco
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", nargs="+", default=["train2017", "val2017"])
     parser.add_argument("--sample", type=int, default=200, help="images per split whose size is checked")
     args = parser.parse_args(argv)
-    from engine.data import DataError
+    from engine.data.errors import DataError
 
     root = Path(args.root)
     try:

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
-from engine.data import DataError
+from engine.data.errors import DataError
 
 
 def annotation_file(root: str | Path, split: str) -> Path:

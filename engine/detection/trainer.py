@@ -24,14 +24,17 @@ from engine import checkpoint as ckpt_lib
 from engine import distributed as dist_lib
 from engine import fileio
 from engine.config import ConfigError, diff_configs, dump_config
-from engine.data import DataError, ExactEvalBatchSampler
+from engine.data.datasets import ExactEvalBatchSampler
+from engine.data.errors import DataError
 from engine.detection.config import STRUCTURAL_KEYS, DetConfig, detector_options
 from engine.detection.data import CocoDetectionSet, GroupedTrainBatchSampler, make_loader
 from engine.detection.evaluation import AMP_DTYPES, gather_and_evaluate, predict
 from engine.preemption import Preemption
 from engine.progress import Progress, log_line
 # The ImageNet trainer's run-directory ownership (lock + removal of partial files), errors and provenance.
-from engine.trainer import NonFiniteLossError, SimulatedKill, _own_run_dir, git_commit
+from engine.errors import NonFiniteLossError, SimulatedKill
+from engine.rundir import RunDir, write_config
+from engine.summary import git_commit
 
 LOSS_KEYS = {"faster_rcnn": ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"),
              "mask_rcnn": ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")}
@@ -341,7 +344,7 @@ class DetTrainer:
         st.step_in_epoch, st.epoch_time_s, st.epoch_images = 0, 0.0, 0
         self.sums.zero_()
         if improved and self.info.is_main:
-            ckpt_lib.atomic_save({"format": "fcanet-detector-v1", "model": self.model.state_dict(),
+            fileio.atomic_save({"format": "fcanet-detector-v1", "model": self.model.state_dict(),
                                   "config": self.cfg.to_dict(), "epoch": st.epoch, "val": st.last_val},
                                  self.ckpt_dir / "best.pth")
         self.save()
@@ -371,7 +374,10 @@ class DetTrainer:
                 fileio.atomic_write_text(summary_path, json.dumps(self.summary(), indent=2) + "\n")
             return json.loads(summary_path.read_text()) if summary_path.exists() else self.summary()
         if self.info.is_main:
-            write_config_file(self.run_dir, dump_config(cfg), self.log)
+            text = dump_config(cfg)
+            current = self.run_dir / "config.yaml"
+            if not current.exists() or current.read_text() != text:
+                write_config(self.run_dir, text, self.log)
             if cfg.train.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
                 self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=st.global_step or None)
@@ -398,17 +404,17 @@ class DetTrainer:
             self.writer = None
 
 
-def write_config_file(run_dir: Path, text: str, log) -> None:
-    """``run_dir/config.yaml`` := ``text``; a different earlier one is kept as ``config.<n>.yaml`` first."""
-    path = run_dir / "config.yaml"
-    old = path.read_text() if path.exists() else None
-    if old == text:
-        return
-    if old is not None:
-        n = 1 + sum(1 for _ in run_dir.glob("config.*.yaml"))
-        fileio.atomic_write_text(run_dir / f"config.{n}.yaml", old)
-        log(f"config changed: the previous config.yaml is kept as config.{n}.yaml")
-    fileio.atomic_write_text(path, text)
+DET_REQUIRED = ("model", "optimizer", "scaler", "epoch", "step_in_epoch", "global_step", "steps_per_epoch",
+                "world_size", "config", "state", "meter", "rng")
+
+
+def check_detector_checkpoint(ckpt: dict, path: Path) -> None:
+    """A detection training checkpoint has every entry it is resumed from (one-line error otherwise)."""
+    missing = [k for k in DET_REQUIRED if k not in ckpt]
+    if missing:
+        raise ckpt_lib.CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    if not isinstance(ckpt["state"], dict) or not isinstance(ckpt["rng"], list) or not isinstance(ckpt["config"], dict):
+        raise ckpt_lib.CheckpointError(f"checkpoint {path} is malformed: state, rng or config of the wrong type")
 
 
 def _check_structure(saved: dict, cfg: DetConfig, path: Path) -> None:
@@ -437,13 +443,15 @@ def fit(cfg: DetConfig, resume: Optional[str] = None) -> dict:
             detector_options(cfg)
             if info.device.type == "cpu" and cfg.train.cpu_threads:
                 torch.set_num_threads(cfg.train.cpu_threads)
-            lock = _own_run_dir(cfg, info)
+            lock = RunDir(cfg.output_dir, is_main=info.is_main, log=log_line)
+            lock.own()
             log = log_line if info.is_main else (lambda msg: None)
             log(f"run directory: {Path(cfg.output_dir).resolve()}")
             if resume is not None:
-                found = ckpt_lib.load_checkpoint(resume), Path(resume)
+                found = ckpt_lib.load_checkpoint(resume, check_detector_checkpoint), Path(resume)
             else:
-                found = ckpt_lib.find_resumable(Path(cfg.output_dir) / "checkpoints", log=log, quarantine=info.is_main)
+                found = ckpt_lib.find_resumable(Path(cfg.output_dir) / "checkpoints", log=log, quarantine=info.is_main,
+                                                validate=check_detector_checkpoint)
             if found is not None:
                 _check_structure(found[0]["config"], cfg, found[1])
             trainer = DetTrainer(cfg, info, found)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import DataError
+from engine.data.errors import DataError
 from engine.detection.data import CocoDetectionSet, GroupedTrainBatchSampler
 
 

@@ -14,7 +14,7 @@ import torch
 from engine.config import ConfigError
 from engine.detection.config import load_detection_config
 from engine.detection.trainer import fit
-from engine.trainer import SimulatedKill
+from engine.errors import SimulatedKill
 
 ROOT = Path(__file__).resolve().parents[2]
 

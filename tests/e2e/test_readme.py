@@ -423,7 +423,11 @@ def test_project_installs_every_top_level_package():
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
-    assert packages == {"models", "engine", "ablation"} == set(project["tool"]["setuptools"]["packages"])
+    include = set(project["tool"]["setuptools"]["packages"]["find"]["include"])
+    assert packages == {"models", "engine", "ablation"} and {p for p in include if "." not in p} == packages
+    # every subpackage is matched by a pattern
+    subpackages = {".".join(p.parent.relative_to(ROOT).parts) for p in ROOT.glob("*/*/__init__.py")} - {"scripts.bench"}
+    assert subpackages and all(f"{s.split('.')[0]}.*" in include for s in subpackages)
     lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     assert "-e ." in lines
     assert {"torch", "torchvision"} <= {re.split(r"[<>=!~ ]", d)[0] for d in project["project"]["dependencies"]}
