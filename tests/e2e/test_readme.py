@@ -181,10 +181,10 @@ def check_command(argv: list[str], page_text: str, monkeypatch, capsys) -> None:
                 assert main(rest) == 0, f"{what}: {capsys.readouterr().err.strip()}"
                 capsys.readouterr()
             return
-        if module == "scripts.bench":
-            from scripts.bench import main
+        if module in ("scripts.bench", "scripts.gpu_check"):
+            import importlib
 
-            parsed(main, rest, monkeypatch, capsys, what)
+            parsed(importlib.import_module(module).main, rest, monkeypatch, capsys, what)
             return
         pytest.fail(f"unrecognised python -m {module} in the docs: {what}")
     script, rest = args[0], args[1:]
