@@ -376,6 +376,30 @@ def spatial_weighted_sum(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
     return torch.bmm(x.reshape(n, c, h * w), weights.view(n, h * w, 1)).view(n, c)
 
 
+class PointwiseConv(nn.Conv2d):
+    """A 1x1, stride-1, ungrouped ``nn.Conv2d`` (same parameters, keys and initialisation) computed as a matrix
+    product over the channels on a view of the input, in either memory layout.
+
+    Used for GC's C -> 1 attention mask, where oneDNN's convolution is slow on CPU in forward + backward (one
+    output channel; times in docs/models.md). Same numbers as ``nn.Conv2d`` up to float rounding.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        weight = self.weight.view(self.out_channels, c).to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            y = F.linear(x.permute(0, 2, 3, 1), weight, bias)  # (N, H, W, O) from the NHWC view
+            return y.permute(0, 3, 1, 2)  # (N, O, H, W), channels_last strides
+        y = torch.matmul(weight, x.reshape(n, c, h * w))  # (N, O, HW)
+        if bias is not None:
+            y = y + bias.view(1, -1, 1)
+        return y.view(n, self.out_channels, h, w)
+
+
 class GlobalContext(ResidualAttention):
     """Global context (GC) block (Cao et al., GCNet, ICCVW 2019) with attention pooling and "add" fusion, the
     form of GCNet's ImageNet ResNet-50.
@@ -394,7 +418,7 @@ class GlobalContext(ResidualAttention):
         if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
             raise ValueError(f"attention reduction must be an integer >= 1, got {reduction!r}")
         planes = max(1, channels // reduction)
-        self.conv_mask = nn.Conv2d(channels, 1, 1)
+        self.conv_mask = PointwiseConv(channels, 1)
         self.channel_add_conv = nn.Sequential(nn.Conv2d(channels, planes, 1), nn.LayerNorm([planes, 1, 1]),
                                               nn.ReLU(inplace=True), nn.Conv2d(planes, channels, 1))
 

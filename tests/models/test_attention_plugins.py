@@ -276,3 +276,24 @@ def test_resnet_options_are_the_resnet_constructor_arguments_the_registry_does_n
     assert set(RESNET_OPTIONS) == set(inspect.signature(ResNet).parameters) - set_by_registry
     with pytest.raises(ValueError, match="unknown model argument"):
         create_model("resnet18", strides=(1, 1, 1, 1))  # placement and strides are registry data
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 24, 5, 7), (3, 16, 1, 1)])
+def test_pointwise_conv_equals_a_1x1_conv(shape, channels_last):
+    from models.attention import PointwiseConv
+    torch.manual_seed(0)
+    ours, ref = PointwiseConv(shape[1], 3), nn.Conv2d(shape[1], 3, 1)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(*shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), ref(xb)
+    g = torch.randn_like(yb)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-5)
