@@ -19,8 +19,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .studies import FINETUNE_SCHEDULES, FREQ_SOURCES, REPO, STUDIES, AblationError, Plan, available_presets, \
-    build_plan, default_runs_root, is_complete, stale_reason
+from .errors import AblationError
+from .preset import MAX_SEEDS, REPO, available_presets
+from .studies import FINETUNE_SCHEDULES, FREQ_SOURCES, STUDIES, Plan, build_plan, default_runs_root, stale_reason
+from .summaries import is_complete
 
 DEFAULT_THROUGHPUT_HELP = ("training images/s per GPU for the GPU-hours estimate (default: the preset's "
                            "'throughput', an assumption unless the preset says it was measured)")
@@ -46,6 +48,13 @@ def _number(convert, minimum, strict: bool, what: str):
 
 
 _positive_int = _number(int, 1, False, "a positive integer")
+
+
+def _seed_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to {MAX_SEEDS}, got {text!r}")
+    return value
 _nonneg_int = _number(int, 0, False, "a non-negative integer")
 _positive_float = _number(float, 0.0, True, "a positive number")
 
@@ -60,7 +69,7 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("--study", required=True, help=f"one of {', '.join(STUDIES)}")
         p.add_argument("--preset", required=True,
                        help=f"one of {', '.join(available_presets())}, or the path of a preset .yaml file")
-        p.add_argument("--seeds", type=_positive_int, default=None,
+        p.add_argument("--seeds", type=_seed_count, default=None,
                        help="seeds per point: 0..N-1 (default: the preset's 'seeds')")
         p.add_argument("--output", type=Path, default=None,
                        help="results directory (default results/<preset>/); runs go to <output>/runs/")
@@ -124,18 +133,18 @@ def throughput_note(plan: Plan, given: Optional[float]) -> tuple[float, str]:
     """The img/s per GPU of the estimate, and where it comes from (an assumption unless measured or given)."""
     if given is not None:
         return given, "given with --throughput"
-    preset = plan.preset
-    if preset.get("throughput_measured", False):
-        return float(preset["throughput"]), f"measured, see {preset['path']}"
-    return float(preset["throughput"]), ("ASSUMED, not measured (the preset's 'throughput'); measure your GPU and "
-                                         "pass --throughput")
+    speed = plan.preset.throughput
+    if speed.measured:
+        return speed.img_per_s, f"measured, see {plan.preset_path}"
+    return speed.img_per_s, ("ASSUMED, not measured (the preset's 'throughput'); measure your GPU and "
+                             "pass --throughput")
 
 
 def cmd_plan(args) -> int:
     plan = _plan(args)
     throughput, source = throughput_note(plan, args.throughput)
-    unit = "CPU process" if plan.preset.get("hardware") == "cpu" else "GPU"
-    print(f"# study {plan.study}, preset {plan.preset['name']} ({plan.preset['path']}), seeds {plan.seeds}, "
+    unit = "CPU process" if plan.preset.hardware == "cpu" else "GPU"
+    print(f"# study {plan.study}, preset {plan.preset.name} ({plan.preset_path}), seeds {plan.seeds}, "
           f"runs in {plan.runs_root}")
     print(f"# throughput: {throughput:g} training img/s per {unit}: {source}")
     if plan.freq_source:
@@ -162,7 +171,7 @@ def cmd_plan(args) -> int:
     left = sum(plan.gpu_hours(r, throughput) for r in plan.runs if not is_complete(r.run_dir, r.epochs))
     npoints = sum(1 for r in plan.runs if r.point != "base")
     extra = f" + {len(plan.runs) - npoints} dependency" if len(plan.runs) > npoints else ""
-    print(f"# total: {npoints} runs{extra} ({done} complete), {epochs} epochs x {plan.preset['train_images']} "
+    print(f"# total: {npoints} runs{extra} ({done} complete), {epochs} epochs x {plan.preset.train_images} "
           f"images, {total_h:.4g} {unit}-hours at {throughput:g} img/s/{unit} ({left:.4g} left; training only, "
           f"evaluation and start-up not included)")
     return 0
@@ -205,19 +214,19 @@ def cmd_run(args) -> int:
             raise AblationError("--jobs N runs the whole plan: not with --index or --limit")
         rc = runner.run_parallel(args.argv, args.jobs)
         done = sum(is_complete(r.run_dir, r.epochs) for r in plan.runs)
-        print(f"[ablation] {plan.study}/{plan.preset['name']}: {args.jobs} runners finished; "
+        print(f"[ablation] {plan.study}/{plan.preset.name}: {args.jobs} runners finished; "
               f"{done}/{len(plan.runs)} runs complete")
         return rc
     launcher = args.launcher
     custom = bool(args.trainer_cmd or os.environ.get(runner.TRAINER_ENV))
     if launcher == "auto":
-        launcher = "subprocess" if custom or args.gpus > 1 else plan.preset.get("launcher", "subprocess")
+        launcher = "subprocess" if custom or args.gpus > 1 else plan.preset.launcher
     elif launcher == "fork" and (args.trainer_cmd or args.gpus > 1):
         raise AblationError("--launcher fork runs the repository's trainer in one process: not with "
                             "--trainer-cmd or --gpus > 1")
     outcome = runner.run_local(plan, prefix, limit=args.limit, index=args.index, quiet=args.quiet,
                                launcher=launcher, prepare=not custom)
-    print(f"[ablation] {plan.study}/{plan.preset['name']}: " + ", ".join(f"{k} {len(v)}" for k, v in outcome.items()))
+    print(f"[ablation] {plan.study}/{plan.preset.name}: " + ", ".join(f"{k} {len(v)}" for k, v in outcome.items()))
     if outcome["failed"]:
         print(f"error: {len(outcome['failed'])} run(s) failed: {', '.join(outcome['failed'])}", file=sys.stderr)
         return 1

@@ -18,8 +18,9 @@ from typing import Any, Optional
 from models.dct import GRID
 
 from . import stats as st
-from .studies import REPO, STUDY_METHOD, Plan, grid_points, is_complete, read_summary, \
-    single_freq_values
+from .preset import REPO
+from .studies import STUDY_METHOD, Plan, grid_points, single_freq_values
+from .summaries import is_complete, read_summary
 
 PAPER_DIR = REPO / "results" / "paper"
 PAPER_TABLES = {"topk": ("table1_topk.csv", "Table 1", "Top-k"), "lowk": ("table5_lowk.csv", "Table 5", "Low-k"),
@@ -263,9 +264,9 @@ def protocol_notes(plan: Plan, records) -> list[str]:
                  f"(clipped to [0, 100]). "
                  f"Significance: {st.TEST_NAME}; `*` = adjusted p < {st.ALPHA:g}; n/a = fewer than 2 seeds on a "
                  f"side.")
-    if not preset.get("paper_comparable", False):
-        notes.append(f"- **Not the paper's setting.** Dataset: {preset.get('dataset', preset.get('description'))}; "
-                     f"network: {preset.get('description', '')}. Compare orderings and gaps with the paper, not "
+    if not preset.paper_comparable:
+        notes.append(f"- **Not the paper's setting.** Dataset: {preset.dataset}; "
+                     f"network: {preset.description}. Compare orderings and gaps with the paper, not "
                      f"absolute numbers.")
     found = machines(records)
     if found:
@@ -276,17 +277,17 @@ def protocol_notes(plan: Plan, records) -> list[str]:
 
 def paper_note(preset: dict[str, Any]) -> str:
     return ("Paper columns: ResNet-50 on ImageNet-1k, one run per point, best-epoch top-1 (`best_prec1`)." +
-            ("" if preset.get("paper_comparable", False) else " Shown for orientation only: a different network "
+            ("" if preset.paper_comparable else " Shown for orientation only: a different network "
              "and data set (no Δ column)."))
 
 
 # ------------------------------------------------------------------------------------------ single_freq
 def collect_single_freq(plan: Plan, out: Path, records) -> list[Path]:
-    size = int(plan.preset["grid"])
+    size = plan.preset.grid_size
     points = grid_points(size)
     paper = {(int(r["u"]), int(r["v"])): r for r in _read_csv("fig4_single_frequency.csv")}
     on_paper_grid = size == GRID
-    comparable = bool(plan.preset.get("paper_comparable", False)) and on_paper_grid
+    comparable = plan.preset.paper_comparable and on_paper_grid
     rows, values = [], {}
     for u, v in points:
         key = f"u{u}v{v}"
@@ -305,9 +306,9 @@ def collect_single_freq(plan: Plan, out: Path, records) -> list[Path]:
     base_s = base[0]["summary"] if base else None
     base_final, base_best = _num(base_s, FINAL), _num(base_s, BEST)
     measured = sum(1 for r in rows if r["n"])
-    dataset = plan.preset.get("dataset", plan.preset.get("description", ""))
+    dataset = plan.preset.dataset
 
-    md = [f"# Fig. 4: single-frequency fine-tunes ({plan.preset['name']} preset, {size}x{size} grid)", "",
+    md = [f"# Fig. 4: single-frequency fine-tunes ({plan.preset.name} preset, {size}x{size} grid)", "",
           f"Top-1 accuracy (%) of the base network fine-tuned with FCA using one frequency (u, v) for all channels "
           f"(u = row, vertical frequency; v = column). Data: {dataset}. {measured}/{len(points)} points measured, "
           f"{plan.seeds} seed(s) planned per point.", ""]
@@ -369,7 +370,7 @@ def collect_single_freq(plan: Plan, out: Path, records) -> list[Path]:
     n_text = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
     stds = sorted(r["best_top1_std"] for r in rows if r["best_top1_std"] is not None)
     spread = f"; median seed std {stds[len(stds) // 2]:.2f} points" if stds else ""
-    title = (f"{plan.preset['name']} preset: {dataset}\nn = {n_text} seed(s) per cell{spread}; base network top-1 "
+    title = (f"{plan.preset.name} preset: {dataset}\nn = {n_text} seed(s) per cell{spread}; base network top-1 "
              + (f"{base_final:.2f}" if base_final is not None else "n/a"))
     write_atomic(out / "fig4_heatmap.png", heatmap_png(rows, size, title, on_paper_grid, comparable))
     return written
@@ -378,7 +379,7 @@ def collect_single_freq(plan: Plan, out: Path, records) -> list[Path]:
 def stability_section(plan: Plan, size: int) -> list[str]:
     """Markdown: how stable the two-step criterion's Top-k and Bot-k sets are under resampling seeds."""
     values = single_freq_values(plan.runs_root, plan.preset)
-    ks = [int(k) for k in plan.preset["studies"]["topk"]["ks"] if int(k) < size * size]
+    ks = [k for k in plan.preset.studies.topk.ks if k < size * size]
     if len(values) < size * size or not ks:
         return [f"Two-step criterion stability: needs all {size * size} points ({len(values)} complete).", ""]
     if min(len(v) for v in values.values()) < 2:
@@ -465,10 +466,10 @@ def heatmap_png(rows, size: int, title: str, on_paper_grid: bool, comparable: bo
 def reference_values(plan: Plan) -> tuple[Optional[list[float]], str]:
     """Best-epoch top-1 per seed of the SE-equivalent trained from scratch: FCA with the single frequency (0, 0),
     i.e. the Low-k study's k=1 runs (``lowk/published/low1-s*``) of the same preset and runs directory."""
-    spec = plan.preset["studies"]["lowk"]
+    spec = plan.preset.studies.lowk
     values = []
     for run_dir in sorted((plan.runs_root / "lowk" / "published").glob("low1-s*")):
-        if is_complete(run_dir, int(spec["epochs"])):
+        if is_complete(run_dir, spec.epochs):
             v = _num(read_summary(run_dir), BEST)
             if v is not None:
                 values.append(v)
@@ -478,9 +479,9 @@ def reference_values(plan: Plan) -> tuple[Optional[list[float]], str]:
 def collect_k(plan: Plan, out: Path, records) -> list[Path]:
     fname, table_name, label = PAPER_TABLES[plan.study]
     paper = {int(r["k"]): r for r in _read_csv(fname)}
-    comparable = bool(plan.preset.get("paper_comparable", False))
+    comparable = plan.preset.paper_comparable
     method = STUDY_METHOD[plan.study]
-    ks = [int(k) for k in plan.preset["studies"][plan.study]["ks"]]
+    ks = list(plan.preset.study(plan.study).ks)
     rows, values = [], {}
     for k in ks:
         point = f"{method}{k}"
@@ -512,10 +513,10 @@ def collect_k(plan: Plan, out: Path, records) -> list[Path]:
                                "top-1 over seeds)"}[plan.freq_source]
     mismatched = [r["run"].name for r in records if r["recorded"] and
                   r["recorded"].get("frequencies") not in (None, r["run"].meta.get("frequencies"))]
-    dataset = plan.preset.get("dataset", plan.preset.get("description", ""))
-    md = [f"# {table_name}: {label} frequency selection ({plan.preset['name']} preset)", "",
+    dataset = plan.preset.dataset
+    md = [f"# {table_name}: {label} frequency selection ({plan.preset.name} preset)", "",
           f"Top-1 accuracy (%) with k frequencies, trained from scratch "
-          f"({plan.preset['studies'][plan.study]['epochs']} epochs); data: {dataset}; {plan.seeds} seed(s) planned "
+          f"({plan.preset.study(plan.study).epochs} epochs); data: {dataset}; {plan.seeds} seed(s) planned "
           f"per k. {paper_note(plan.preset)}", "",
           f"Frequency source: **{plan.freq_source}** ({source_text}).", ""]
     if mismatched:
@@ -537,12 +538,12 @@ def collect_k(plan: Plan, out: Path, records) -> list[Path]:
     md += [f"- k={r['k']}: {', '.join(f'({u},{v})' for u, v in json.loads(r['frequencies']))}" for r in rows]
     md += [""]
     if plan.freq_source == "measured":
-        md += stability_section(plan, int(plan.preset["grid"]))
+        md += stability_section(plan, plan.preset.grid_size)
     curve = f"{plan.study}_curve.png"
     write_atomic(out / "table.csv", csv_text(header, rows))
     write_atomic(out / "runs.csv", csv_text(RUNS_HEADER, runs_rows(records)))
     write_atomic(out / "table.md", "\n".join(md))
-    title = f"{label} ({plan.preset['name']} preset, source: {plan.freq_source}, n = {plan.seeds} seed(s))\n{dataset}"
+    title = f"{label} ({plan.preset.name} preset, source: {plan.freq_source}, n = {plan.seeds} seed(s))\n{dataset}"
     write_atomic(out / curve, curve_png(rows, title, separate_axes=not comparable))
     return [out / "table.csv", out / "table.md", out / "runs.csv", out / curve]
 

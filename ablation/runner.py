@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .locking import LOCK_NAME, RunLock, describe, is_stale, read_lock
-from .studies import REPO, AblationError, Plan, Run, is_complete, stale_reason
+from .errors import AblationError
+from .preset import REPO
+from .studies import Plan, Run, expand, stale_reason
+from .summaries import is_complete, read_summary
 
 TRAINER_ENV = "FCANET_ABLATION_TRAINER"
 
@@ -212,7 +215,6 @@ def _children_cpu() -> float:
 
 def result_text(run_dir: Path) -> str:
     """``top-1 97.50 (best 97.78)``: the run's final and best-epoch top-1 from its summary.json."""
-    from .studies import read_summary
     summary = read_summary(run_dir) or {}
     text = f"top-1 {summary.get('final_top1', float('nan')):.2f}"
     best = summary.get("best_top1")
@@ -257,13 +259,9 @@ def select_runs(plan: Plan, index: Optional[int] = None) -> list[Run]:
 def prepare_data(plan: Plan, timeout_s: float = 600.0) -> None:
     """Write a preset's built-in data set once (``prepare: digits``), under a lock, before any run starts,
     so that concurrent trainers never build the same tree at the same time."""
-    kind = plan.preset.get("prepare")
-    if not kind:
+    if plan.preset.prepare != "digits":  # the schema allows no other value
         return
-    if kind != "digits":
-        raise AblationError(f"preset {plan.preset['name']!r}: unknown 'prepare: {kind}' (expected digits)")
-    from .studies import expand
-    root = Path(expand(plan.preset["data_root"], plan.runs_root))
+    root = Path(expand(plan.preset.data_root, plan.runs_root))
     lock = RunLock(root.parent / f".{root.name}-prepare")
     deadline = time.time() + timeout_s
     while not lock.try_acquire():
@@ -283,7 +281,7 @@ def run_local(plan: Plan, prefix: Sequence[str], limit: Optional[int] = None, in
 
     ``prepare``: write the preset's built-in data first (off with a custom trainer command, which brings its own).
     """
-    env = plan.preset.get("env") or {}
+    env = plan.preset.env
     by_name = {r.name: r for r in plan.runs}
     outcome: dict[str, list[str]] = {k: [] for k in ("complete", "ran", "locked", "failed", "blocked")}
     started = 0
@@ -383,7 +381,7 @@ def submit_slurm(plan: Plan, prefix: Sequence[str], gpus: int, partition: Option
         extra = {"slurm_additional_parameters": {"dependency": "afterok:" + ":".join(deps)}} if deps else {}
         if deps and (cluster in (None, "slurm")):
             executor.update_parameters(**extra)
-        job = executor.submit(SlurmRun(run, prefix, plan.preset.get("env")))
+        job = executor.submit(SlurmRun(run, prefix, plan.preset.env))
         if deps and (cluster in (None, "slurm")):
             executor.update_parameters(slurm_additional_parameters={})
         jobs[run.name] = job
@@ -400,7 +398,7 @@ def sbatch_script(plan: Plan, cli_args: Sequence[str], gpus: int, partition: Opt
     args = shlex.join(list(cli_args))
     lines = [
         "#!/bin/bash",
-        f"# Slurm array for study {plan.study!r} (preset {plan.preset['name']!r}), {n} runs: index -> run",
+        f"# Slurm array for study {plan.study!r} (preset {plan.preset.name!r}), {n} runs: index -> run",
         *[f"#   {i}: {r.name}" for i, r in enumerate(plan.runs)],
         "# Submit (runs already complete exit at once; rerunning the array resumes the rest):",
     ]

@@ -9,23 +9,28 @@ Studies (paper Sec. 4.2, appendix 6.1), on the preset's S x S frequency grid (``
   single-frequency runs of the preset are complete, otherwise from the authors' published orders (7x7 only).
 * ``lowk`` (Table 5): the k lowest frequencies of the fixed Low-k order (appendix Fig. 5b); never grid-derived.
 
-Presets are data: ``configs/ablation/<preset>.yaml``. Every run is one trainer invocation
-``train_imagenet.py --config CONFIG KEY=VALUE ...`` with its own run directory.
+Presets are typed data (:mod:`ablation.preset`). Every run is one trainer invocation
+``train_imagenet.py --config CONFIG KEY=VALUE ...`` with its own run directory; :func:`build_plan` resolves each
+run's trainer config exactly as the trainer will, so a bad preset fails at ``plan`` time with one line.
 """
 from __future__ import annotations
 
+import copy
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
+from engine.config import Config, ConfigError, apply_overrides, build_config, load_yaml_tree
 from models.dct import GRID, low_order, published_frequencies, two_step_criterion
 
-REPO = Path(__file__).resolve().parents[1]
-PRESET_DIR = REPO / "configs" / "ablation"
+from .errors import AblationError
+from .network import frequency_problem
+from .preset import MAX_SEEDS, REPO, Preset, load_preset
+from .summaries import is_complete, ranking_value, read_summary
+
 STUDIES = ("single_freq", "topk", "lowk", "botk")
 STUDY_METHOD = {"topk": "top", "lowk": "low", "botk": "bot"}
 FREQ_SOURCES = ("auto", "published", "measured")
@@ -45,10 +50,6 @@ def grid_points(grid: int = GRID) -> list[tuple[int, int]]:
 GRID_POINTS = grid_points(GRID)
 
 
-class AblationError(Exception):
-    """A user-facing error: printed as one line by the CLI, exit status 2."""
-
-
 @dataclass
 class Run:
     """One trainer invocation of a study."""
@@ -62,6 +63,7 @@ class Run:
     overrides: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)   # written to <run_dir>/ablation.json
     depends: tuple[str, ...] = ()   # names of runs that must be complete first
+    settings: dict[str, Any] = field(default_factory=dict)  # the resolved trainer config (filled by validation)
 
     @property
     def name(self) -> str:
@@ -96,74 +98,13 @@ def expand(value: Any, runs_root: Path) -> Any:
     return value
 
 
-# --------------------------------------------------------------------------------------------- presets
-def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def load_preset(name: str) -> dict[str, Any]:
-    """A preset by name (``configs/ablation/<name>.yaml``) or by the path of a YAML file of the same layout."""
-    if name.endswith((".yaml", ".yml")):
-        path = Path(name)
-        if not path.is_file():
-            raise AblationError(f"preset file {path} not found")
-    else:
-        presets = available_presets()
-        if name not in presets:
-            raise AblationError(f"unknown preset {name!r}; expected one of {', '.join(presets)} or a .yaml file")
-        path = PRESET_DIR / f"{name}.yaml"
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise AblationError(f"preset file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
-    except OSError as exc:
-        raise AblationError(f"preset file {path}: {exc.strerror or exc}") from None
-    if not isinstance(data, dict):
-        raise AblationError(f"preset file {path} is not a YAML mapping")
-    for key in ("train_images", "throughput", "base", "studies"):
-        if key not in data:
-            raise AblationError(f"preset file {path} lacks the key {key!r}")
-    data["grid_explicit"] = "grid" in data  # then every run's model gets it (model.kwargs.grid)
-    for key, default in (("grid", GRID), ("seeds", 1)):
-        value = data.setdefault(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise AblationError(f"preset file {path}: {key!r} must be a positive integer, got {value!r}")
-    missing = [s for s in STUDIES if s not in data["studies"]]
-    if missing:
-        raise AblationError(f"preset file {path} does not define the studies {', '.join(missing)}")
-    data.setdefault("common_overrides", {})
-    data.setdefault("name", path.stem)
-    data["path"] = str(path)
-    return data
-
-
 def check_study(study: str) -> str:
     if study not in STUDIES:
         raise AblationError(f"unknown study {study!r}; expected one of {', '.join(STUDIES)}")
     return study
 
 
-# ------------------------------------------------------------------------------------------ summaries
-def read_summary(run_dir: Path) -> Optional[dict[str, Any]]:
-    """The run's summary.json, or None if there is none. Raises AblationError if it is unreadable."""
-    path = Path(run_dir) / "summary.json"
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise AblationError(f"corrupt summary file {path}: {exc}; delete it to re-run that point") from None
-    if not isinstance(data, dict):
-        raise AblationError(f"corrupt summary file {path}: expected a JSON object; delete it to re-run that point")
-    for key in ("final_top1",):
-        value = data.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise AblationError(f"corrupt summary file {path}: {key!r} missing or not a number; "
-                                f"delete it to re-run that point")
-    return data
-
-
-def stale_reason(run: "Run") -> Optional[str]:
+def stale_reason(run: Run) -> Optional[str]:
     """Why ``run``'s directory no longer matches the plan (other frequencies, e.g. after the measured grid
     changed, or another fine-tune start), or None. Read from the ``ablation.json`` the runner wrote."""
     try:
@@ -176,30 +117,12 @@ def stale_reason(run: "Run") -> Optional[str]:
     return None
 
 
-def is_complete(run_dir: Path, epochs: int) -> bool:
-    """A run is complete when its summary.json exists and reports at least the planned epochs."""
-    summary = read_summary(run_dir)
-    if summary is None or summary.get("status", "complete") != "complete":
-        return False
-    done = summary.get("epochs", epochs)
-    return isinstance(done, (int, float)) and done >= epochs
-
-
 # ------------------------------------------------------------------------------------------ frequencies
-def ranking_value(summary: dict[str, Any]) -> float:
-    """The statistic the two-step criterion ranks by: ``best_top1`` (the authors' ``best_prec1``, the number
-    Fig. 4 prints), or ``final_top1`` for a summary without it."""
-    value = summary.get("best_top1")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
-        return float(value)
-    return float(summary["final_top1"])
-
-
-def single_freq_values(runs_root: Path, preset: dict[str, Any]) -> dict[tuple[int, int], dict[int, float]]:
+def single_freq_values(runs_root: Path, preset: Preset) -> dict[tuple[int, int], dict[int, float]]:
     """``{(u, v): {seed: ranking value}}`` over the complete single-frequency runs in ``runs_root``."""
-    epochs = int(preset["studies"]["single_freq"]["epochs"])
+    epochs = preset.studies.single_freq.epochs
     out: dict[tuple[int, int], dict[int, float]] = {}
-    for u, v in grid_points(preset["grid"]):
+    for u, v in grid_points(preset.grid_size):
         for run_dir in sorted((Path(runs_root) / "single_freq").glob(f"u{u}v{v}-s*")):
             seed = run_dir.name.rsplit("-s", 1)[1]
             if seed.isdigit() and is_complete(run_dir, epochs):
@@ -207,23 +130,23 @@ def single_freq_values(runs_root: Path, preset: dict[str, Any]) -> dict[tuple[in
     return out
 
 
-def measured_grid(runs_root: Path, preset: dict[str, Any]) -> dict[tuple[int, int], float]:
+def measured_grid(runs_root: Path, preset: Preset) -> dict[tuple[int, int], float]:
     """Mean ``best_top1`` per grid point over the complete single-frequency runs (any seed) in ``runs_root``."""
     return {f: sum(v.values()) / len(v) for f, v in single_freq_values(runs_root, preset).items()}
 
 
-def resolve_source(study: str, requested: str, runs_root: Path, preset: dict[str, Any]):
+def resolve_source(study: str, requested: str, runs_root: Path, preset: Preset):
     """The frequency source of a k-study: ``published`` or ``measured`` (and the measured grid, if used)."""
     if requested not in FREQ_SOURCES:
         raise AblationError(f"unknown frequency source {requested!r}; expected one of {', '.join(FREQ_SOURCES)}")
     if study == "lowk":
         return "published", None  # a fixed low-first order, not derived from any grid
-    size = preset["grid"]
+    size = preset.grid_size
     grid = measured_grid(runs_root, preset)
     complete = len(grid) == size * size
     if size != GRID and (requested == "published" or not complete):
         # the authors' Top/Bot orders rank the 7x7 grid of Fig. 4: they say nothing about another grid
-        raise AblationError(f"preset {preset['name']!r} uses a {size}x{size} frequency grid: {study} needs the "
+        raise AblationError(f"preset {preset.name!r} uses a {size}x{size} frequency grid: {study} needs the "
                             f"two-step criterion on its own single_freq grid (the published orders are 7x7); "
                             f"{len(grid)}/{size * size} single_freq points are complete in "
                             f"{Path(runs_root) / 'single_freq'}: run --study single_freq first")
@@ -243,9 +166,6 @@ def study_frequencies(study: str, ks, source: str, grid, size: int = GRID) -> di
         return two_step_criterion(grid, ks)[method]
     if method == "low" and size != GRID:
         order = low_order(size)
-        for k in ks:
-            if not 1 <= k <= len(order):
-                raise AblationError(f"lowk: k={k} out of range for a {size}x{size} grid (1..{len(order)})")
         return {k: order[:k] for k in ks}
     try:
         return {k: published_frequencies(method, k) for k in ks}
@@ -257,7 +177,8 @@ def study_frequencies(study: str, ks, source: str, grid, size: int = GRID) -> di
 @dataclass
 class Plan:
     study: str
-    preset: dict[str, Any]
+    preset: Preset
+    preset_path: Path
     runs_root: Path
     runs: list[Run]
     freq_source: Optional[str] = None
@@ -266,7 +187,7 @@ class Plan:
     finetune_schedule: str = "ours"
 
     def gpu_hours(self, run: Run, throughput: float) -> float:
-        return float(self.preset["train_images"]) * run.epochs / throughput / 3600.0
+        return float(self.preset.train_images) * run.epochs / throughput / 3600.0
 
 
 def default_runs_root(preset: str, output: Optional[Path]) -> Path:
@@ -274,6 +195,93 @@ def default_runs_root(preset: str, output: Optional[Path]) -> Path:
     if output is not None:
         return Path(output) / "runs"
     return REPO / "runs" / "ablation" / preset
+
+
+class _Planner:
+    """Builds the :class:`Run` objects of one study: run directories, names and trainer overrides."""
+
+    def __init__(self, study: str, preset: Preset, runs_root: Path, finetune_schedule: str):
+        self.study, self.preset, self.runs_root = study, preset, runs_root
+        self.finetune_schedule = finetune_schedule
+        self.common = {k: expand(v, runs_root) for k, v in preset.common_overrides.items()}
+
+    def run(self, point: str, seed: Optional[int], config: str, epochs: int, extra: dict[str, Any],
+            meta: dict[str, Any], depends: tuple[str, ...] = (), run_dir: Optional[Path] = None) -> Run:
+        tag = point if seed is None else f"{point}-s{seed}"
+        if run_dir is None:
+            run_dir = self.runs_root / self.study
+            if self.study in STUDY_METHOD:
+                run_dir = run_dir / meta["freq_source"]
+            elif self.finetune_schedule != "ours":
+                run_dir = run_dir / self.finetune_schedule  # another protocol: its own run directories and table
+            run_dir = run_dir / tag
+        overrides = dict(self.common)
+        overrides.update(extra)
+        if self.preset.grid is not None:
+            overrides["model.kwargs"] = dict(overrides.get("model.kwargs") or {}, grid=self.preset.grid)
+        overrides["train.epochs"] = int(epochs)
+        overrides["seed"] = 0 if seed is None else int(seed)
+        overrides["output_dir"] = str(run_dir)
+        meta = dict(meta, study=self.study, point=point, seed=overrides["seed"], preset=self.preset.name)
+        return Run(self.study, point, seed, config, int(epochs), run_dir, overrides, meta, tuple(depends))
+
+
+def plan_base(planner: _Planner) -> Run:
+    """The plain base network the single-frequency fine-tunes start from (shared by every fine-tune schedule)."""
+    base = planner.preset.base
+    return planner.run("base", None, base.config, base.epochs, dict(base.overrides), {"role": "base"},
+                       run_dir=planner.runs_root / "single_freq" / "base")
+
+
+def plan_single_freq(planner: _Planner, seeds: int, base_checkpoint: Optional[str]) -> list[Run]:
+    """single_freq: the base run (unless ``base_checkpoint``) and S*S fine-tunes per seed."""
+    preset, spec = planner.preset, planner.preset.studies.single_freq
+    runs: list[Run] = []
+    depends: tuple[str, ...] = ()
+    init = None  # with --base-checkpoint: validated once the first fine-tune's network is known
+    if base_checkpoint is None:
+        base_run = plan_base(planner)
+        runs.append(base_run)
+        depends = (base_run.name,)
+        init = str(base_run.run_dir / preset.base.checkpoint)
+    schedule = paper_code_schedule(preset) if planner.finetune_schedule == "paper-code" else {}
+    size = preset.grid_size
+    for seed in range(seeds):
+        for u, v in grid_points(size):
+            extra = {**spec.overrides, **schedule, "model.freq": [[u, v]], "model.init_checkpoint": init}
+            meta = {"role": "single_freq", "u": u, "v": v, "frequencies": [[u, v]], "grid_size": size,
+                    "freq_source": "grid", "init_checkpoint": init, "finetune_schedule": planner.finetune_schedule}
+            runs.append(planner.run(f"u{u}v{v}", seed, spec.config, spec.epochs, extra, meta, depends))
+    if base_checkpoint is not None:
+        init = check_base_checkpoint(base_checkpoint, runs[0])
+        for run in runs:
+            run.overrides["model.init_checkpoint"] = init
+            run.meta["init_checkpoint"] = init
+    return runs
+
+
+def paper_code_schedule(preset: Preset) -> dict[str, Any]:
+    """``--finetune-schedule paper-code``: the authors' main.py cosine length."""
+    return {SCHEDULE_KEY: PAPER_CODE_SCHEDULE_EPOCHS}
+
+
+def plan_kstudy(planner: _Planner, seeds: int, freq_source: str) -> tuple[list[Run], str]:
+    """topk / lowk / botk: one run per k and seed, with the frequencies of the study's source."""
+    study, preset = planner.study, planner.preset
+    spec = preset.study(study)
+    source, grid = resolve_source(study, freq_source, planner.runs_root, preset)
+    freqs = study_frequencies(study, spec.ks, source, grid, preset.grid_size)
+    method = STUDY_METHOD[study]
+    runs = []
+    for seed in range(seeds):
+        for k in spec.ks:
+            chosen = [list(f) for f in freqs[k]]
+            meta = {"role": study, "method": method, "k": k, "frequencies": chosen, "freq_source": source}
+            if grid is not None:
+                meta["grid"] = {f"{u},{v}": a for (u, v), a in sorted(grid.items())}
+            runs.append(planner.run(f"{method}{k}", seed, spec.config, spec.epochs,
+                                    {**spec.overrides, "model.freq": chosen}, meta))
+    return runs, source
 
 
 def check_base_checkpoint(path: str, run: Run) -> str:
@@ -284,8 +292,8 @@ def check_base_checkpoint(path: str, run: Run) -> str:
     if not file.is_file():
         raise AblationError(f"--base-checkpoint {path}: file not found")
     import models
-    from engine.config import ConfigError, load_config
-    from engine.trainer import build_model
+    from engine.builders import build_model
+    from engine.config import load_config
 
     try:
         state = models.read_state_dict(str(file))
@@ -308,10 +316,57 @@ def check_base_checkpoint(path: str, run: Run) -> str:
     return str(file.resolve())
 
 
+# ------------------------------------------------------------------------------------------ validation
+class _Resolver:
+    """Each run's trainer config, resolved exactly as the trainer does (file tree, overrides, schema), with the
+    config files read once. Runs that differ only in seed and run directory share one resolution."""
+
+    VARYING = ("seed", "output_dir")
+
+    def __init__(self, preset_path: Path):
+        self.preset_path = preset_path
+        self.trees: dict[str, dict] = {}
+        self.cache: dict[str, Config] = {}
+
+    def __call__(self, run: Run) -> Config:
+        key = json.dumps([run.config, {k: v for k, v in run.overrides.items() if k not in self.VARYING}],
+                         sort_keys=True, default=str)
+        if key not in self.cache:
+            try:
+                if run.config not in self.trees:
+                    self.trees[run.config] = load_yaml_tree(REPO / run.config)
+                self.cache[key] = build_config(apply_overrides(self.trees[run.config], run.override_args()))
+            except ConfigError as exc:
+                raise AblationError(f"preset file {self.preset_path}: run {run.name}: {exc}") from None
+        cfg = copy.deepcopy(self.cache[key])
+        cfg.seed, cfg.output_dir = run.overrides["seed"], run.overrides["output_dir"]
+        return cfg
+
+
+def validate(plan: Plan) -> None:
+    """Resolve every run's trainer config (one-line errors naming the preset, run and key) and refuse
+    frequencies the network cannot hold, before anything trains."""
+    resolve = _Resolver(plan.preset_path)
+    size = plan.preset.grid_size
+    checked: set[int] = set()
+    for run in plan.runs:
+        cfg = resolve(run)
+        run.settings = cfg.to_dict()
+        freqs = run.meta.get("frequencies")
+        if freqs is None or len(freqs) in checked:
+            continue
+        checked.add(len(freqs))
+        problem = frequency_problem(cfg, len(freqs), size)
+        if problem:
+            kind, text = problem
+            key = "grid" if kind == "grid" else f"studies.{plan.study}.ks"
+            raise AblationError(f"preset file {plan.preset_path}: key '{key}': {text}")
+
+
 def build_plan(study: str, preset_name: str, seeds: Optional[int] = None, runs_root: Optional[Path] = None,
                freq_source: str = "auto", base_checkpoint: Optional[str] = None,
                finetune_schedule: str = "ours") -> Plan:
-    """The runs of ``study`` under preset ``preset_name``.
+    """The runs of ``study`` under preset ``preset_name``, validated.
 
     Args:
         seeds: seeds per point (0..seeds-1); ``None``: the preset's ``seeds``.
@@ -321,85 +376,22 @@ def build_plan(study: str, preset_name: str, seeds: Optional[int] = None, runs_r
         finetune_schedule: single_freq: ``ours`` or ``paper-code`` (see ``FINETUNE_SCHEDULES``).
     """
     check_study(study)
-    preset = load_preset(preset_name)
-    if seeds is None:
-        seeds = int(preset["seeds"])
-    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
-        raise AblationError(f"bad --seeds {seeds!r}: expected a positive integer")
+    preset, path = load_preset(preset_name)
+    seeds = preset.seeds if seeds is None else seeds
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
+        raise AblationError(f"bad --seeds {seeds!r}: expected an integer from 1 to {MAX_SEEDS}")
     if finetune_schedule not in FINETUNE_SCHEDULES:
         raise AblationError(f"unknown fine-tune schedule {finetune_schedule!r}; expected one of "
                             f"{', '.join(FINETUNE_SCHEDULES)}")
     if finetune_schedule != "ours" and study != "single_freq":
         raise AblationError(f"--finetune-schedule applies to the single_freq fine-tunes, not to {study}")
-    runs_root = Path(runs_root) if runs_root is not None else default_runs_root(preset["name"], None)
-    runs_root = runs_root.resolve()
-    spec = preset["studies"][study]
-    size = int(preset["grid"])
-    common = {k: expand(v, runs_root) for k, v in (preset.get("common_overrides") or {}).items()}
-    runs: list[Run] = []
-
-    def make(point, seed, config, epochs, extra, meta, depends=()):
-        run_dir = runs_root / study
-        name_meta = dict(meta)
-        tag = point if seed is None else f"{point}-s{seed}"
-        if study in STUDY_METHOD:
-            run_dir = run_dir / meta["freq_source"]
-        elif study == "single_freq" and finetune_schedule != "ours":
-            run_dir = run_dir / finetune_schedule  # another protocol: its own run directories and table
-        run_dir = run_dir / tag
-        overrides = dict(common)
-        overrides.update(extra)
-        if preset["grid_explicit"]:
-            overrides["model.kwargs"] = dict(overrides.get("model.kwargs") or {}, grid=size)
-        overrides["train.epochs"] = int(epochs)
-        overrides["seed"] = 0 if seed is None else int(seed)
-        overrides["output_dir"] = str(run_dir)
-        name_meta.update({"study": study, "point": point, "seed": overrides["seed"], "preset": preset["name"]})
-        return Run(study, point, seed, config, int(epochs), run_dir, overrides, name_meta, tuple(depends))
-
+    runs_root = (Path(runs_root) if runs_root is not None else default_runs_root(preset.name, None)).resolve()
+    planner = _Planner(study, preset, runs_root, finetune_schedule)
     source = None
     if study == "single_freq":
-        base = preset["base"]
-        depends: tuple[str, ...] = ()
-        if base_checkpoint is None:
-            base_run = make("base", None, base["config"], base["epochs"], dict(base.get("overrides") or {}),
-                            {"role": "base"})
-            base_run.run_dir = runs_root / study / "base"  # shared by every fine-tune schedule
-            base_run.overrides["output_dir"] = str(base_run.run_dir)
-            runs.append(base_run)
-            depends = (base_run.name,)
-            init = str(base_run.run_dir / base.get("checkpoint", "checkpoints/last.pth"))
-        else:
-            init = None  # validated below, against the first fine-tune's network
-        schedule = {}
-        if finetune_schedule == "paper-code":
-            schedule = {SCHEDULE_KEY: PAPER_CODE_SCHEDULE_EPOCHS}
-        for seed in range(seeds):
-            for u, v in grid_points(size):
-                extra = dict(spec.get("overrides") or {})
-                extra.update(schedule)
-                extra["model.freq"] = [[u, v]]
-                extra["model.init_checkpoint"] = init
-                meta = {"role": "single_freq", "u": u, "v": v, "frequencies": [[u, v]], "grid_size": size,
-                        "freq_source": "grid", "init_checkpoint": init, "finetune_schedule": finetune_schedule}
-                runs.append(make(f"u{u}v{v}", seed, spec["config"], spec["epochs"], extra, meta, depends))
-        if base_checkpoint is not None:
-            init = check_base_checkpoint(base_checkpoint, runs[0])
-            for run in runs:
-                run.overrides["model.init_checkpoint"] = init
-                run.meta["init_checkpoint"] = init
+        runs = plan_single_freq(planner, seeds, base_checkpoint)
     else:
-        source, grid = resolve_source(study, freq_source, runs_root, preset)
-        ks = [int(k) for k in spec["ks"]]
-        freqs = study_frequencies(study, ks, source, grid, size)
-        method = STUDY_METHOD[study]
-        for seed in range(seeds):
-            for k in ks:
-                extra = dict(spec.get("overrides") or {})
-                extra["model.freq"] = [list(f) for f in freqs[k]]
-                meta = {"role": study, "method": method, "k": k, "frequencies": [list(f) for f in freqs[k]],
-                        "freq_source": source}
-                if grid is not None:
-                    meta["grid"] = {f"{u},{v}": a for (u, v), a in sorted(grid.items())}
-                runs.append(make(f"{method}{k}", seed, spec["config"], spec["epochs"], extra, meta))
-    return Plan(study, preset, runs_root, runs, source, base_checkpoint, seeds, finetune_schedule)
+        runs, source = plan_kstudy(planner, seeds, freq_source)
+    plan = Plan(study, preset, path, runs_root, runs, source, base_checkpoint, seeds, finetune_schedule)
+    validate(plan)
+    return plan

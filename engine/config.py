@@ -230,8 +230,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
 
 
-def _build(cls: type, raw: Any, prefix: str = "") -> Any:
-    """Instantiate dataclass ``cls`` from a nested mapping, checking keys, types and values."""
+def _build(cls: type, raw: Any, prefix: str = "", root: type | None = None) -> Any:
+    """Instantiate dataclass ``cls`` from a nested mapping, checking keys, types and values. ``root``: the
+    schema the dotted keys belong to (default :class:`Config`), whose keys the "did you mean" hint offers.
+    A field without a default is required."""
     section = prefix[:-1] if prefix else "<top level>"
     if not isinstance(raw, dict):
         raise ConfigError(f"config section '{section}': expected a mapping, got {raw!r}")
@@ -239,15 +241,17 @@ def _build(cls: type, raw: Any, prefix: str = "") -> Any:
     names = {f.name for f in fields(cls)}
     for key in raw:
         if key not in names:
-            raise _unknown(prefix + str(key), all_keys())
+            raise _unknown(prefix + str(key), all_keys(root or Config))
     kwargs = {}
     for f in fields(cls):
         key = prefix + f.name
         if f.name not in raw:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ConfigError(f"config key '{key}' is required")
             continue
         tp = hints[f.name]
         if is_dataclass(tp):
-            kwargs[f.name] = _build(tp, raw[f.name] if raw[f.name] is not None else {}, key + ".")
+            kwargs[f.name] = _build(tp, raw[f.name] if raw[f.name] is not None else {}, key + ".", root)
             continue
         choices, low = f.metadata.get("choices"), f.metadata.get("min")
         value = raw[f.name]
@@ -399,6 +403,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 SECTIONS.update(_sections())
+
+
+def build_schema(cls: type, raw: Any) -> Any:
+    """Any typed config built with this module's rules and one-line errors (unknown keys with "did you mean",
+    types, choices, bounds, required keys), e.g. the ablation presets; fields are declared with
+    :func:`schema_field`."""
+    return _build(cls, raw, root=cls)
+
+
+schema_field = _f
 
 
 def build_config(raw: dict) -> Config:

@@ -9,13 +9,19 @@ import pytest
 
 from ablation.cli import main
 from ablation.collect import collect
-from ablation.studies import GRID_POINTS, AblationError, build_plan, load_preset
+from ablation.errors import AblationError
+from ablation.preset import load_preset as _load_preset
+from ablation.studies import GRID_POINTS, build_plan
 from models.dct import PUBLISHED_ORDERS, low_order, published_frequencies, rank_frequencies
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER_GRID = {(int(r["u"]), int(r["v"])): float(r["top1_unrounded"])
               for r in csv.DictReader((REPO / "results/paper/fig4_single_frequency.csv").read_text().splitlines())}
 KS = [1, 2, 4, 8, 16, 32]
+
+
+def load_preset(name):
+    return _load_preset(name)[0]
 
 
 def fake_summary(run_dir: Path, top1: float, epochs: int, top5: float = 99.0) -> None:
@@ -57,9 +63,9 @@ def test_mini_preset_uses_its_own_4x4_grid(tmp_path, capsys):
     """The mini preset's network sees 32/16/8/4-pixel maps (CIFAR stem at 32x32): a 4x4 grid, 16 single-frequency
     points, k up to 16, several seeds by default, and Top-k/Bot-k only from its own measured grid."""
     preset = load_preset("mini")
-    assert preset["grid"] == 4 and preset["seeds"] >= 3
+    assert preset.grid_size == 4 and preset.seeds >= 3
     lines = plan_lines(capsys, "--study", "single_freq", "--preset", "mini", "--output", str(tmp_path))
-    assert len(lines) == 16 * preset["seeds"]
+    assert len(lines) == 16 * preset.seeds
     assert sorted({line.split()[0].rsplit("-s", 1)[0] for line in lines}) == sorted(
         f"single_freq/u{u}v{v}" for u in range(4) for v in range(4))
     assert all('"grid":4' in line and '"stem":"cifar"' in line for line in lines)
@@ -97,7 +103,7 @@ def test_seeds_multiply_runs(tmp_path):
     plan = build_plan("botk", "imagenet", seeds=3, runs_root=tmp_path)
     assert len(plan.runs) == 18 and {r.overrides["seed"] for r in plan.runs} == {0, 1, 2}
     assert len({r.run_dir for r in plan.runs}) == 18
-    assert build_plan("lowk", "mini", runs_root=tmp_path).seeds == load_preset("mini")["seeds"]  # preset default
+    assert build_plan("lowk", "mini", runs_root=tmp_path).seeds == load_preset("mini").seeds  # preset default
 
 
 def test_ranking_on_paper_grid_reproduces_published_orders(tmp_path):
@@ -213,8 +219,8 @@ def test_mini_statistics_significance_and_stability(tmp_path):
     out = tmp_path / "res"
     runs = out / "runs" / "single_freq"
     preset = load_preset("mini")
-    epochs = preset["studies"]["single_freq"]["epochs"]
-    seeded(runs, "base", [90.0], preset["base"]["epochs"])
+    epochs = preset.studies.single_freq.epochs
+    seeded(runs, "base", [90.0], preset.base.epochs)
     (runs / "base-s0").rename(runs / "base")
     noise = [0.3, -0.2, -0.1]
     for u in range(4):
@@ -243,7 +249,7 @@ def test_mini_statistics_significance_and_stability(tmp_path):
 
 def test_collect_corrupt_summary_errors_and_keeps_tables(tmp_path, capsys):
     out = tmp_path / "res"
-    epochs = load_preset("mini")["studies"]["lowk"]["epochs"]
+    epochs = load_preset("mini").studies.lowk.epochs
     fake_summary(out / "runs" / "lowk" / "published" / "low2-s0", 90.0, epochs)
     assert main(["collect", "--study", "lowk", "--preset", "mini", "--output", str(out)]) == 0
     before = (out / "lowk" / "table.md").read_text()
@@ -325,7 +331,7 @@ def test_plan_starts_without_torch(tmp_path):
 
 def test_imagenet100_preset_plans():
     preset = load_preset("imagenet100")
-    assert preset["train_images"] == 126689 and preset["throughput_measured"] is False
+    assert preset.train_images == 126689 and preset.throughput.measured is False
     plan = build_plan("single_freq", "imagenet100", runs_root=Path("/nonexistent"))
     assert len(plan.runs) == 50 and plan.runs[1].overrides["model.num_classes"] == 100
     assert plan.runs[1].overrides["data.root"] == "data/imagenet100"

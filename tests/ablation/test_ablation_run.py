@@ -21,8 +21,8 @@ KS = (1, 2, 4, 8, 16)  # the mini preset's k values
 
 
 def load_preset(name):
-    from ablation.studies import load_preset as load
-    return load(name)
+    from ablation.preset import load_preset as load
+    return load(name)[0]
 
 
 def fake_trainer(argv):
@@ -126,7 +126,7 @@ def test_kill_mid_study_and_resume_trains_each_point_once(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "ablation", *args], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root = out / "runs" / "lowk" / "published"
-    epochs = load_preset("mini")["studies"]["lowk"]["epochs"]
+    epochs = load_preset("mini").studies.lowk.epochs
     deadline = time.time() + 60
     # wait until two runs are complete and the third is part-way through
     while time.time() < deadline:
