@@ -17,6 +17,9 @@ from engine.config import Config
 NAME_RE = re.compile(r"^(resnet|senet|ecanet|fcanet|se_resnet|eca_resnet|fca_resnet)(\d+)$")
 BOTTLENECK_FROM_DEPTH = 50
 DEFAULT_WIDTHS = (64, 128, 256, 512)
+# create_model keyword arguments that only an attention network reads (models.registry.ATTENTION_KWARGS less
+# input_size, which the trainer passes to every model): a plain base or control network is planned without them.
+ATTENTION_ONLY_KWARGS = ("reduction", "freq", "dct_weights", "dct_init", "eca_kernel", "grid")
 # log2 of the stem's downsampling (models.resnet.STEM_STRIDE_LOG2): ImageNet /4, CIFAR /1.
 STEM_DOWNSAMPLE_LOG2 = {"imagenet": 2, "cifar": 0}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import math
 import re
 import typing
@@ -133,6 +134,7 @@ class Config:
 # ----------------------------------------------------------------------------------------------------
 # Schema helpers
 
+@functools.lru_cache(maxsize=None)  # a schema's hints never change; resolving them is most of a config's parse
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -272,14 +274,19 @@ def _build(cls: type, raw: Any, prefix: str = "", root: type | None = None) -> A
     return cls(**kwargs)
 
 
-def _check_semantics(cfg: Config) -> None:
-    """Cross-field and domain checks that a type cannot express."""
+def check_model_freq(cfg: Config) -> None:
+    """``model.freq`` parsed on the model's frequency grid (ConfigError naming the key)."""
     if cfg.model.freq is not None:
         from models.dct import GRID, parse_frequencies  # the model zoo owns the frequency grammar
         try:
             parse_frequencies(cfg.model.freq, grid=int(cfg.model.kwargs.get("grid") or GRID))
         except (ValueError, TypeError) as e:
             raise ConfigError(f"config key 'model.freq': {e}") from None
+
+
+def _check_semantics(cfg: Config) -> None:
+    """Cross-field and domain checks that a type cannot express."""
+    check_model_freq(cfg)
     if cfg.train.schedule_epochs is not None and cfg.train.schedule_epochs < cfg.train.epochs:
         raise ConfigError(f"config key 'train.schedule_epochs': {cfg.train.schedule_epochs} is shorter than "
                           f"train.epochs={cfg.train.epochs} (the lr would sit at 0 for the last epochs)")

@@ -35,7 +35,7 @@ from engine.meter import Meter, MeterReading
 from engine.preemption import Preemption
 from engine.progress import Progress, log_line
 from engine.runlock import RunDirInUseError, RunDirLock
-from engine.summary import FILE_NAME as SUMMARY_NAME, RunSummary, read_summary
+from engine.summary import FILE_NAME as SUMMARY_NAME, RunSummary, provenance, read_summary
 
 __all__ = ["fit", "Trainer", "TrainState", "evaluate", "evaluate_checkpoint", "build_model", "init_from_checkpoint",
            "NonFiniteLossError", "SimulatedKill", "StructureChangedError"]
@@ -502,7 +502,7 @@ class Trainer:
             gpu_hours=wall * gpus / 3600.0, world_size=self.info.world_size,
             device=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             global_batch=self.global_batch, peak_lr=self.optim.schedule.peak_lr, git_commit=git_commit(),
-            output_dir=str(self.run_dir))
+            output_dir=str(self.run_dir), **provenance())
 
     def close(self) -> None:
         if self.writer is not None:

@@ -65,7 +65,7 @@ def test_bad_preset_one_line(tmp_path, capsys, change, needle):
 
 def test_trainer_override_error_names_the_run(tmp_path, capsys):
     err = refusal(capsys, edited(tmp_path, studies__single_freq__overrides={"optim.base_lr": -1}))
-    assert "run single_freq/u0v0-s0" in err and "optim.base_lr" in err
+    assert "run single_freq/control-s0" in err and "optim.base_lr" in err and "-1" in err
 
 
 def test_grid_larger_than_smallest_map_refused_at_plan(tmp_path, capsys):
@@ -100,7 +100,7 @@ def test_stage_shapes_match_the_built_model():
     from engine.config import ConfigError, load_config
 
     for name in ("mini", "imagenet"):
-        run = build_plan("single_freq", name, runs_root=Path("/nonexistent"), seeds=1).runs[1]
+        run = build_plan("single_freq", name, runs_root=Path("/nonexistent"), seeds=1).points[0]
         cfg = load_config(REPO / run.config, run.override_args())
         shapes = stage_shapes(cfg)
         model = build_model(cfg)
