@@ -205,7 +205,8 @@ def blocked_text(res: dict[str, Any], size: int) -> str:
     b = res["blocked"]
     fr = "fragments"
     if b["p"] is None:
-        return render(fr, "blocked_missing", cells=size * size, blocks=len(res["blocks"]))
+        fragment = "blocked_missing" if len(res["blocks"]) < 2 else "blocked_degenerate"
+        return render(fr, fragment, cells=size * size, blocks=len(res["blocks"]))
     conclusion = render(fr, "blocked_yes" if b["p"] < st.ALPHA else "blocked_no", alpha=f"{st.ALPHA:g}")
     return render(fr, "blocked_test", blocks=len(res["blocks"]), cells=size * size, df1=b["df1"], df2=b["df2"],
                   f=fmt(b["f"]), p=fmt_p(b["p"]), seed_f=fmt(b["seed_f"]), seed_p=fmt_p(b["seed_p"]),
@@ -328,7 +329,7 @@ def collect_k(plan: Plan, records: list[Record], out: Path, mixed: set, allow_mi
                                            ("mixed machines" if r["key"] in mixed else "")) if f)
     header = ["k", "n", *stat_header("best_top1"), *stat_header("final_top1"), "final_top5_mean",
               *diff_header("vs_00"), *diff_header("vs_best"), "paper_top1", "paper_top5", "diff_top1", "flags",
-              "freq_source", "frequencies_json"]
+              "freq_source", "frequencies"]
     table_rows = []
     for r in rows:
         table_rows.append([r["k"], fmt_ours(stats_of(r, "best_top1")), ci_of(r), fmt_ours(stats_of(r, "final_top1")),

@@ -158,3 +158,26 @@ def test_plan_and_collect_name_what_they_wait_for(tmp_path, capsys):
     rc, _, _ = cli(capsys, "collect", "--study", "botk", "--preset", "mini", "--runs-dir", str(runs))
     md = (runs / "tables" / "botk" / "table.md").read_text()
     assert rc == 0 and "pending: the two-step criterion" in md and "- k=1: pending" in md
+
+
+@pytest.mark.slow
+def test_run_without_study_runs_the_four_studies_in_order(tmp_path):
+    """`run --preset P` (no --study): single_freq first (bases, controls, fine-tunes), then lowk, then topk and
+    botk from the measured grid; a second call trains nothing."""
+    data = yaml.safe_load((REPO / "configs/ablation/imagenet.yaml").read_text())
+    data.update(name="tiny", grid=2)
+    for study in ("topk", "lowk", "botk"):
+        data["studies"][study]["ks"] = [1, 2]
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(yaml.safe_dump(data))
+    runs = tmp_path / "runs"
+    args = [sys.executable, "-m", "ablation", "run", "--preset", str(preset), "--runs-dir", str(runs),
+            "--trainer-cmd", FAKE, "--quiet"]
+    env = {**os.environ, "FAKE_STEPS": "1"}
+    p = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    order = [line.split()[2].split("/")[0] for line in p.stdout.splitlines() if line.startswith("[ablation] done")]
+    assert order == ["single_freq"] * 6 + ["lowk"] * 2 + ["topk"] * 2 + ["botk"] * 2
+    assert (runs / "topk" / "measured" / "top2-s0" / "summary.json").exists()
+    p = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and " ran 0" in p.stdout and " ran 1" not in p.stdout

@@ -134,3 +134,18 @@ def test_every_study_plans_for_every_preset_without_torch(tmp_path):
 def test_load_preset_errors():
     with pytest.raises(AblationError, match="unknown preset 'nope'"):
         load_preset("nope")
+
+
+def test_preset_headers_state_the_cost_plan_computes(capsys):
+    """The GPU-hours a preset's header quotes are the ones `plan` prints (no stale figure in a header)."""
+    import re
+    for name, quotes in (("imagenet", {1: "about 413 GPU-hours for one seed", 3: "1,238 for three"}),
+                         ("imagenet100", {1: "about 16.3 GPU-hours per seed", 3: "49 for three seeds"})):
+        header = " ".join(line.lstrip("# ") for line in (REPO / f"configs/ablation/{name}.yaml").read_text()
+                          .splitlines() if line.startswith("#"))
+        for seeds, quote in quotes.items():
+            assert quote in header, (name, quote)
+            assert main(["plan", "--preset", name, "--seeds", str(seeds)]) == 0
+            total = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("total"))
+            quoted = float(re.search(r"([\d,.]+) (GPU-hours|for)", quote).group(1).replace(",", ""))
+            assert float(total.split()[2]) == pytest.approx(quoted, rel=0.01), (name, seeds, total)
