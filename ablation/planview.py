@@ -90,7 +90,7 @@ def freq_text(run: Run) -> str:
 def run_line(plan: Plan, run: Run, throughput: float) -> str:
     lead = "# dependency: " if run.role == "base" and plan.study != "single_freq" else ""
     after = f"after {run.depends[0].split('/')[-1]}" if run.depends else ""
-    shared = f"= {run.meta['shared_with']}" if run.meta.get("shared_with") else ""
+    shared = f"shared={run.meta['shared_with'].split('/')[-1]}" if run.meta.get("shared_with") else ""
     parts = [f"{lead}{run.name:<28}", f"epochs={run.epochs:<3}", f"{unit(plan.preset).lower()}_h="
              f"{plan.gpu_hours(run, throughput):<7.3g}", f"{status(run):<8}", freq_text(run), after, shared]
     return "  ".join(p for p in parts if p).rstrip()

@@ -324,10 +324,10 @@ def test_finetune_schedule_paper_code_scaled_to_the_base(tmp_path, capsys):
         base = base or load_preset(preset).base.epochs
         warmup = warmup if warmup is not None else 0.05 * base
         for run in plan.runs[1:]:
-            assert run.overrides[SCHEDULE_KEY] == base and run.overrides["train.warmup_epochs"] == warmup
+            assert run.overrides[SCHEDULE_KEY] == base and run.overrides["train.warmup_epochs"] == pytest.approx(warmup)
         assert "/paper-code/" in str(plan.runs[1].run_dir) and plan.runs[0].run_dir.name == "base-s0"
         cfg = load_config(REPO / plan.points[0].config, plan.points[0].override_args())
-        assert cfg.train.schedule_epochs == base and cfg.train.warmup_epochs == warmup
+        assert cfg.train.schedule_epochs == base and cfg.train.warmup_epochs == pytest.approx(warmup)
     text = plan_text(capsys, "--study", "single_freq", "--preset", "imagenet100", "--finetune-schedule",
                      "paper-code", "--runs-dir", str(tmp_path))
     assert "the authors' 5 + 95 epochs scaled to the base's 40: 2 + 38" in flat(text)

@@ -50,7 +50,9 @@ def test_runs_record_settings_and_an_edited_preset_is_refused(tmp_path, capsys):
     plan = build_plan("single_freq", preset, runs_root=runs, seeds=2)
     fill(plan, lambda run: 90.0)
     recorded = json.loads((plan.points[0].run_dir / "ablation.json").read_text())["settings"]
-    assert recorded["optim"]["base_lr"] == 0.2 and recorded["env"] == {"OMP_NUM_THREADS": "1"}
+    lr = recorded["optim"]["base_lr"]
+    assert lr == plan.preset.studies.single_freq.overrides["optim.base_lr"]
+    assert recorded["env"] == {"OMP_NUM_THREADS": "1"}
     assert "{runs_root}" in recorded["data"]["root"]  # moving the runs directory keeps the settings equal
     args = ["--study", "single_freq", "--preset", preset, "--runs-dir", str(runs), "--seeds", "2"]
     rc, out, _ = cli(capsys, "collect", *args)
@@ -61,17 +63,17 @@ def test_runs_record_settings_and_an_edited_preset_is_refused(tmp_path, capsys):
     assert rc == 0 and status["single_freq/base-s0"] == "complete"  # the base's own settings did not change
     assert all(v == "stale" for k, v in status.items() if "base" not in k) and len(status) == 36
     rc, _, err = cli(capsys, "run", *args, "--trainer-cmd", FAKE)
-    one_line_error(rc, err, "does not match the plan", "optim.base_lr 0.2 -> 3.0")
+    one_line_error(rc, err, "does not match the plan", f"optim.base_lr {lr} -> 3.0")
     before = (runs / "tables" / "single_freq" / "table.md").read_text()
     rc, _, err = cli(capsys, "collect", *args)
-    one_line_error(rc, err, "trained with other settings than the preset now gives", "optim.base_lr 0.2 -> 3.0")
+    one_line_error(rc, err, "trained with other settings than the preset now gives", f"optim.base_lr {lr} -> 3.0")
     assert (runs / "tables" / "single_freq" / "table.md").read_text() == before
 
 
 def test_collect_on_a_full_disk_is_one_line_and_changes_nothing(tmp_path, capsys, monkeypatch):
     runs = tmp_path / "runs"
     plan = build_plan("lowk", "mini", runs_root=runs, seeds=2)
-    fill(plan, lambda run: 90.0 + run.meta["k"] / 10)
+    fill(plan, lambda run: 90.0 + run.meta.get("k", 0) / 10)
     args = ["collect", "--study", "lowk", "--preset", "mini", "--runs-dir", str(runs), "--seeds", "2"]
     assert cli(capsys, *args)[0] == 0
     tables = runs / "tables" / "lowk"
@@ -125,7 +127,7 @@ def test_mixed_machines_refused_then_flagged(tmp_path, capsys):
     fill(plan, lambda run: 90.0)
     other = dict(MACHINE, cpu_model="Another CPU")
     for run in plan.runs:
-        if run.seed == 1 and run.meta["k"] == 2:
+        if run.seed == 1 and run.meta.get("k") == 2:
             summary = json.loads((run.run_dir / "summary.json").read_text())
             (run.run_dir / "summary.json").write_text(json.dumps({**summary, **other}))
     args = ["collect", "--study", "lowk", "--preset", "mini", "--runs-dir", str(runs), "--seeds", "2"]

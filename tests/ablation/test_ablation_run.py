@@ -17,12 +17,23 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE = f"{sys.executable} {Path(__file__).resolve()}"
-KS = (1, 2, 4, 8, 16)  # the mini preset's k values
+KS = (1, 2, 4, 8, 16)  # the k values of scratch_lowk()
 
 
 def load_preset(name):
     from ablation.preset import load_preset as load
     return load(name)[0]
+
+
+def scratch_lowk(tmp_path) -> str:
+    """The mini preset with a Low-k study trained from scratch (8 epochs, k up to 16): one run per k and seed,
+    no base, no shared run, for the runner's own tests."""
+    import yaml
+    data = yaml.safe_load((REPO / "configs/ablation/mini.yaml").read_text())
+    data["studies"]["lowk"].update(start="scratch", epochs=8, ks=list(KS))
+    path = tmp_path / "mini_lowk.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
 
 
 def fake_trainer(argv):
@@ -121,13 +132,14 @@ def test_single_freq_dependency_then_measured_topk(tmp_path):
 @pytest.mark.slow
 def test_kill_mid_study_and_resume_trains_each_point_once(tmp_path):
     out = tmp_path / "res"
-    args = ("run", "--study", "lowk", "--preset", "mini", "--runs-dir", str(out), "--trainer-cmd", FAKE, "--quiet",
+    args = ("run", "--study", "lowk", "--preset", scratch_lowk(tmp_path), "--runs-dir", str(out), "--trainer-cmd",
+            FAKE, "--quiet",
             "--seeds", "1")
     env = {**os.environ, "FAKE_STEPS": "10", "FAKE_SLEEP": "0.02"}  # epochs x 10 steps x 0.02 s per run
     proc = subprocess.Popen([sys.executable, "-m", "ablation", *args], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root = out / "lowk" / "published"
-    epochs = load_preset("mini").studies.lowk.epochs
+    epochs = 8
     deadline = time.time() + 60
     # wait until two runs are complete and the third is part-way through
     while time.time() < deadline:
@@ -156,8 +168,8 @@ def test_kill_mid_study_and_resume_trains_each_point_once(tmp_path):
 @pytest.mark.slow
 def test_two_concurrent_runners_never_train_a_point_twice(tmp_path):
     out = tmp_path / "res"
-    args = [sys.executable, "-m", "ablation", "run", "--study", "lowk", "--preset", "mini", "--seeds", "2",
-            "--runs-dir", str(out), "--trainer-cmd", FAKE, "--quiet"]
+    args = [sys.executable, "-m", "ablation", "run", "--study", "lowk", "--preset", scratch_lowk(tmp_path), "--seeds",
+            "2", "--runs-dir", str(out), "--trainer-cmd", FAKE, "--quiet"]
     env = {**os.environ, "FAKE_STEPS": "2", "FAKE_SLEEP": "0.05"}
     procs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
@@ -198,11 +210,12 @@ def test_run_corrupt_summary_and_failed_trainer(tmp_path):
     bad = out / "lowk" / "published" / "low1-s0" / "summary.json"
     bad.parent.mkdir(parents=True)
     bad.write_text("[1, 2")
-    p = ablation("run", "--study", "lowk", "--preset", "mini", "--runs-dir", str(out), "--trainer-cmd", FAKE)
+    preset = scratch_lowk(tmp_path)
+    p = ablation("run", "--study", "lowk", "--preset", preset, "--runs-dir", str(out), "--trainer-cmd", FAKE)
     assert p.returncode == 2 and p.stderr.startswith("error: corrupt summary file") and "Traceback" not in p.stderr
     assert bad.read_text() == "[1, 2"  # left alone
     bad.unlink()
-    p = ablation("run", "--study", "lowk", "--preset", "mini", "--runs-dir", str(out), "--limit", "1",
+    p = ablation("run", "--study", "lowk", "--preset", preset, "--runs-dir", str(out), "--limit", "1",
                  "--trainer-cmd", f"{sys.executable} -c 'import sys; sys.exit(5)'")
     assert p.returncode == 1 and "failed: lowk/published/low1-s0" in p.stderr
     assert not (bad.parent / "ablation.lock").exists()
@@ -214,7 +227,8 @@ def test_submitit_jobs_run_through_the_same_locks(tmp_path):
     pytest.importorskip("submitit")
     out = tmp_path / "res"
     # submitit's local executor stands in for Slurm (same job pickling, same SlurmRun entry point)
-    p = ablation("run", "--study", "lowk", "--preset", "mini", "--runs-dir", str(out), "--slurm", "--slurm-cluster",
+    p = ablation("run", "--study", "lowk", "--preset", scratch_lowk(tmp_path), "--runs-dir", str(out), "--slurm",
+                 "--slurm-cluster",
                  "local", "--limit", "1", "--trainer-cmd", FAKE)
     assert p.returncode == 0 and "submitted lowk/published/low1-s0: job" in p.stdout, p.stderr
     summary = out / "lowk" / "published" / "low1-s0" / "summary.json"
