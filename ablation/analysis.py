@@ -194,7 +194,7 @@ def claims(sides: dict[str, dict[str, Any]], paper: dict[str, dict[int, float]],
             kb = 1 if b == "gap" else k
             if b == "gap" and k == 1:
                 continue
-            if kb not in sides[b]["values"]:
+            if kb not in sides[b]["values"]:  # not planned on the other side
                 continue
             d = st.paired(sides[a]["values"][k], sides[b]["values"][kb])
             flag = claim_flag(sides, a, b, k, kb, cells)
@@ -249,6 +249,8 @@ def pooled_claim(claim, text, sides, a, b, valid) -> dict[str, Any]:
 
 
 def verdict(row: dict[str, Any]) -> str:
+    if not row.get("n"):
+        return "no runs yet"
     if row.get("flag"):
         return "not a test" if row["k"] != "pooled" else "not resolved at this power"
     p = row.get("p_holm", row.get("p"))

@@ -384,8 +384,7 @@ def claim_sides(plans: dict[str, Plan], allow_mixed: bool) -> tuple[dict[str, An
         side = {"values": {}, "freqs": {}, "selected": {}}
         for run in plan.points:
             k = run.meta["k"]
-            if run.point in values:
-                side["values"][k] = values[run.point]
+            side["values"][k] = values.get(run.point, {})  # every planned k, measured or not
             if not plan.pending:
                 side["freqs"][k] = run.meta["frequencies"]
             if run.meta.get("shared_with") and plan.freq_source == "measured":
@@ -423,8 +422,8 @@ def collect_claims(plans: dict[str, Plan], output: Path, allow_mixed: bool = Fal
     page = render("claims", preset=preset.name,
                   comparability=render(fr, "claims_comparable" if preset.paper_comparable else "claims_other"),
                   method=render(fr, "claims_method", alpha=f"{st.ALPHA:g}", power=f"{st.POWER:.0%}"),
-                  table=md if complete else render(fr, "claims_missing"),
-                  flags_note=render(fr, "claims_flags", list="; ".join(flags)) if flags else "",
+                  table=md if complete else join(render(fr, "claims_missing"), md),
+                  flags_note=render(fr, "claims_flags", list="; ".join(flags)) if flags and complete else "",
                   power_note="", provenance=provenance_text(records, bool(mixed_points(records))))
     header = ["claim", "text", "k", "n", "mean", "std", "ci_low", "ci_high", "p", "p_holm", "mdd", "paper_a",
               "paper_b", "paper_gap", "paper_above_mdd", "ours_a", "ours_b", "verdict", "flag"]
