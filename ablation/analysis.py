@@ -34,7 +34,7 @@ def diff_columns(prefix: str, d: dict[str, Any]) -> dict[str, Any]:
 
 def holm_family(diffs: list[dict[str, Any]]) -> None:
     """Add ``p_holm`` to each paired result of one family of comparisons."""
-    for d, p in zip(diffs, st.holm([d.get("p") for d in diffs])):
+    for d, p in zip(diffs, st.holm([d.get("p") for d in diffs]), strict=True):
         d["p_holm"] = p
 
 
@@ -91,7 +91,7 @@ def single_freq(plan: Plan, records: list[Record]) -> dict[str, Any]:
     keys = [f"u{u}v{v}" for u, v in grid_points(size)]
     control = best.get("control", {})
     rows = []
-    for (u, v), key in zip(grid_points(size), keys):
+    for (u, v), key in zip(grid_points(size), keys, strict=True):
         b, f = best.get(key, {}), final.get(key, {})
         rows.append({"key": key, "u": u, "v": v, "n": len(b), "values": b,
                      **stat_columns("best_top1", st.summarize([b[s] for s in sorted(b)])),

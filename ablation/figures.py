@@ -96,8 +96,9 @@ def curve_png(rows: Sequence[dict[str, Any]], title: str, separate_axes: bool = 
         pax.legend(fontsize=8, loc="lower right")
     if have:
         mean = [r["best_top1_mean"] for r in have]
-        lo = [m - (r["best_top1_ci_low"] if r["best_top1_ci_low"] is not None else m) for m, r in zip(mean, have)]
-        hi = [(r["best_top1_ci_high"] if r["best_top1_ci_high"] is not None else m) - m for m, r in zip(mean, have)]
+        pairs = list(zip(mean, have, strict=True))
+        lo = [m - (r["best_top1_ci_low"] if r["best_top1_ci_low"] is not None else m) for m, r in pairs]
+        hi = [(r["best_top1_ci_high"] if r["best_top1_ci_high"] is not None else m) - m for m, r in pairs]
         ax.errorbar([r["k"] for r in have], mean, yerr=[lo, hi], fmt="o-", color="tab:blue", capsize=3,
                     label="ours: best-epoch top-1, mean and 95% interval")
         ax.plot([r["k"] for r in have], [r["final_top1_mean"] for r in have], "x:", color="tab:blue", alpha=0.6,

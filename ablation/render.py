@@ -22,7 +22,7 @@ def _templates(file: str) -> dict[str, Template]:
     parts = _FRAGMENT.split(text)
     if len(parts) == 1:
         return {"": Template(text)}
-    return {name: Template(body.strip("\n")) for name, body in zip(parts[1::2], parts[2::2])}
+    return {name: Template(body.strip("\n")) for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
 def render(file: str, fragment: str = "", **fields: Any) -> str:

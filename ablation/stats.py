@@ -170,13 +170,14 @@ def set_stability(values: Mapping[tuple[int, int], Mapping[int, float]], ks: Seq
     points = sorted(values)
     seeds, matrix = complete_blocks(values, points)
     rng = np.random.default_rng(seed)
-    observed = rank_frequencies({f: float(x) for f, x in zip(points, matrix.mean(1))}, descending)
+    observed = rank_frequencies({f: float(x) for f, x in zip(points, matrix.mean(1), strict=True)}, descending)
     hits = {k: 0 for k in ks}
     jacc = {k: 0.0 for k in ks}
     incl = {k: {f: 0 for f in observed[:k]} for k in ks}
     for _ in range(resamples):
         draw = rng.integers(0, len(seeds), len(seeds))
-        order = rank_frequencies({f: float(x) for f, x in zip(points, matrix[:, draw].mean(1))}, descending)
+        means = matrix[:, draw].mean(1)
+        order = rank_frequencies({f: float(x) for f, x in zip(points, means, strict=True)}, descending)
         for k in ks:
             got, want = set(order[:k]), set(observed[:k])
             hits[k] += got == want
