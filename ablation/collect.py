@@ -136,14 +136,16 @@ def provenance_text(records: list[Record], mixed: bool) -> str:
     return render(fr, "provenance", machines=machines, commits=commits, unrecorded=unrecorded)
 
 
-def power_text(power: dict[str, Any], fragment: str, span: Optional[float] = None) -> str:
+def power_text(power: dict[str, Any], fragment: str, records: list[Record], span: Optional[float] = None) -> str:
     fr = "fragments"
+    counts = sorted({int(c) for c in (r.value("val_count") for r in records) if c})
+    image = render(fr, "one_image", points=f"{100 / counts[0]:.2f}", count=counts[0]) if len(counts) == 1 else ""
     if power["mdd"] is None:
-        return render(fr, "power_missing", n=power["n"])
+        return join(render(fr, "power_missing", n=power["n"]), image)
     span_text = render(fr, "span", span=fmt(span), mdd=fmt(power["mdd"])) if span is not None else ""
-    return render(fr, fragment, sd=fmt(power["paired_sd"]), n=power["n"], alpha=f"{st.ALPHA:g}",
-                  power=f"{st.POWER:.0%}", mdd=fmt(power["mdd"]), mdd_holm=fmt(power["mdd_holm"]),
-                  m=power["comparisons"], span_text=span_text)
+    return join(render(fr, fragment, sd=fmt(power["paired_sd"]), n=power["n"], alpha=f"{st.ALPHA:g}",
+                       power=f"{st.POWER:.0%}", mdd=fmt(power["mdd"]), mdd_holm=fmt(power["mdd_holm"]),
+                       m=power["comparisons"], span_text=span_text), image)
 
 
 def stability(plan: Plan, values: dict[tuple[int, int], dict[int, float]]) -> str:
@@ -183,7 +185,7 @@ def collect_single_freq(plan: Plan, records: list[Record], out: Path, mixed: set
     page = render("single_freq", preset=preset.name, size=size, dataset=preset.dataset,
                   measured=sum(1 for r in rows if r["n"]), cells=size * size, seeds=plan.seeds,
                   blocked=blocked_text(res, size), attention=attention_text(plan, res),
-                  power=power_text(res["power"], "power", res["span"]), bases=bases_text(plan, res),
+                  power=power_text(res["power"], "power", records, res["span"]), bases=bases_text(plan, res),
                   grids=grids_text(rows, size, paper if on_paper_grid else None, comparable, mixed),
                   ranking_note=render(fr, "ranking_note", alpha=f"{st.ALPHA:g}"),
                   ranking=ranking_text(rows, paper, mixed),
@@ -347,7 +349,7 @@ def collect_k(plan: Plan, records: list[Record], out: Path, mixed: set, allow_mi
                   seeds=plan.seeds, paper_note=render(fr, "paper_comparable" if comparable else "paper_other"),
                   source=plan.freq_source, source_text=render(fr, f"source_{source}", pending=plan.pending),
                   warnings=render(fr, "mismatched", runs=", ".join(mismatched)) if mismatched else "",
-                  power=power_text(res["power"], "power_k"),
+                  power=power_text(res["power"], "power_k", records),
                   results_note=render(fr, "k_results_note", alpha=f"{st.ALPHA:g}", reference=ref_label),
                   results=results,
                   frequencies=bullets([f"k={r['k']}: " + (freq_list(r["frequencies"]) if not plan.pending

@@ -58,7 +58,8 @@ def test_reduced_mini_study_end_to_end(tmp_path):
     md = (out / "single_freq" / "table.md").read_text()
     for needle in ("2x2 grid", "Fine-tune minus control", "Best vs final", "Fine-tune recipe", "Precision", "fp32",
                    "paired t-test", "Stability of the two-step criterion", "Provenance", "torch ",
-                   "Numerics differ", "Plateau criterion", "Does the frequency matter?", "Power of this table"):
+                   "Numerics differ", "Plateau criterion", "Does the frequency matter?", "Power of this table",
+                   "one validation image is 0.28 points (360 images"):
         assert needle in md, needle
     assert (out / "single_freq" / "fig4_heatmap.png").stat().st_size > 1000
     k_rows = list(csv.DictReader((out / "topk" / "table.csv").read_text().splitlines()))
