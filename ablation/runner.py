@@ -20,7 +20,10 @@ from typing import Optional, Sequence
 
 from engine.runlock import RunLock, held_by
 
-from .studies import REPO, AblationError, Plan, Run, is_complete, stale_reason
+from .errors import AblationError
+from .preset import REPO
+from .studies import Plan, Run, expand, stale_reason
+from .summaries import is_complete, read_summary
 
 TRAINER_ENV = "FCANET_ABLATION_TRAINER"
 LOCK_NAME = "ablation.lock"  # a point's lock, held by its runner and (inherited) its trainer
@@ -45,23 +48,14 @@ def write_json_atomic(path: Path, data) -> None:
     from engine.fileio import atomic_write_text
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def machine_name() -> str:
-    """The CPU model (``lscpu``'s "Model name", from /proc/cpuinfo) and core count, recorded with every run:
-    CPU numerics differ across processors, so results are tied to the machine that produced them."""
-    import platform
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical CPUs"
+    """The CPU model and core count, recorded with every run: CPU numerics differ across processors, so results
+    are tied to the machine that produced them (the trainer's summary.json records the torch build too)."""
+    from engine.summary import cpu_model
+    return f"{cpu_model()}, {os.cpu_count()} logical CPUs"
 
 
 def run_command(run: Run, prefix: Sequence[str]) -> list[str]:
@@ -146,8 +140,9 @@ def run_one(run: Run, prefix: Sequence[str], quiet: bool = False, launcher: str 
         if is_complete(run.run_dir, run.epochs):  # finished by another process between check and lock
             return "complete"
         _check_meta(run)
+        # what the run is trained with: `run` and `collect` refuse it once the preset gives something else
         meta = dict(run.meta, name=run.name, config=run.config, epochs=run.epochs, machine=machine_name(),
-                    overrides={k: v for k, v in run.overrides.items()})
+                    overrides={k: v for k, v in run.overrides.items()}, settings=run.settings)
         write_json_atomic(run.run_dir / "ablation.json", meta)
         cmd = run_command(run, prefix)
         log_path = run.run_dir / "train.log"
@@ -216,7 +211,6 @@ def _children_cpu() -> float:
 
 def result_text(run_dir: Path) -> str:
     """``top-1 97.50 (best 97.78)``: the run's final and best-epoch top-1 from its summary.json."""
-    from .studies import read_summary
     summary = read_summary(run_dir) or {}
     text = f"top-1 {summary.get('final_top1', float('nan')):.2f}"
     best = summary.get("best_top1")
@@ -249,25 +243,30 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def select_runs(plan: Plan, index: Optional[int] = None) -> list[Run]:
-    if index is None:
-        return list(plan.runs)
-    if not 0 <= index < len(plan.runs):
-        raise AblationError(f"--index {index} out of range: the plan has {len(plan.runs)} runs "
-                            f"(0..{len(plan.runs) - 1})")
-    return [plan.runs[index]]
+def select_runs(plan: Plan, index: Optional[int] = None, only: Optional[Sequence[int]] = None,
+                rotate: int = 0) -> list[Run]:
+    """The runs a runner goes through, in order: run ``index`` alone; or the runs numbered ``only``; or all.
+    ``rotate``: runner i of ``--jobs N`` starts at the i-th seed (and wraps around), so parallel runners train
+    different seeds' bases and runs instead of waiting for one another."""
+    if index is not None:
+        if not 0 <= index < len(plan.runs):
+            raise AblationError(f"--index {index} out of range: the plan has {len(plan.runs)} runs "
+                                f"(0..{len(plan.runs) - 1})")
+        return [plan.runs[index]]
+    runs = [plan.runs[i] for i in only if 0 <= i < len(plan.runs)] if only is not None else list(plan.runs)
+    seeds = sorted({r.seed for r in runs if r.seed is not None})
+    if rotate and seeds:
+        first = seeds[rotate % len(seeds)]
+        runs = [r for r in runs if (r.seed or 0) >= first] + [r for r in runs if (r.seed or 0) < first]
+    return runs
 
 
 def prepare_data(plan: Plan, timeout_s: float = 600.0) -> None:
     """Write a preset's built-in data set once (``prepare: digits``), under a lock, before any run starts,
     so that concurrent trainers never build the same tree at the same time."""
-    kind = plan.preset.get("prepare")
-    if not kind:
+    if plan.preset.prepare != "digits":  # the schema allows no other value
         return
-    if kind != "digits":
-        raise AblationError(f"preset {plan.preset['name']!r}: unknown 'prepare: {kind}' (expected digits)")
-    from .studies import expand
-    root = Path(expand(plan.preset["data_root"], plan.runs_root))
+    root = Path(expand(plan.preset.data_root, plan.runs_root))
     lock = RunLock(root.parent / f".{root.name}-prepare", LOCK_NAME)
     deadline = time.time() + timeout_s
     while not lock.try_acquire():
@@ -282,18 +281,23 @@ def prepare_data(plan: Plan, timeout_s: float = 600.0) -> None:
 
 
 def run_local(plan: Plan, prefix: Sequence[str], limit: Optional[int] = None, index: Optional[int] = None,
-              quiet: bool = False, launcher: str = "subprocess", prepare: bool = True) -> dict[str, list[str]]:
+              quiet: bool = False, launcher: str = "subprocess", prepare: bool = True,
+              only: Optional[Sequence[int]] = None, rotate: int = 0) -> dict[str, list[str]]:
     """Run the plan's incomplete runs one after another. Returns run names by outcome.
 
     ``prepare``: write the preset's built-in data first (off with a custom trainer command, which brings its own).
+    ``only`` / ``rotate``: see :func:`select_runs`.
     """
-    env = plan.preset.get("env") or {}
+    env = plan.preset.env
     by_name = {r.name: r for r in plan.runs}
     outcome: dict[str, list[str]] = {k: [] for k in ("complete", "ran", "locked", "failed", "blocked")}
     started = 0
-    if prepare and any(not is_complete(r.run_dir, r.epochs) for r in select_runs(plan, index)):
+    selected = select_runs(plan, index, only, rotate)
+    for run in selected:  # before anything starts: a run directory made with other settings is never reused
+        _check_meta(run)
+    if prepare and any(not is_complete(r.run_dir, r.epochs) for r in selected):
         prepare_data(plan)
-    for run in select_runs(plan, index):
+    for run in selected:
         if is_complete(run.run_dir, run.epochs):
             outcome["complete"].append(run.name)
             continue
@@ -320,11 +324,12 @@ def _wait_while_running(run: Run, poll_s: float = 1.0) -> bool:
 
 
 def run_parallel(argv: Sequence[str], jobs: int) -> int:
-    """``run --jobs N``: N runner processes on the same plan (each ``run ... --jobs 1``); the per-run locks
-    hand every point to exactly one of them, and fine-tunes wait for the base run another one trains.
-    Returns the worst exit status."""
+    """``run --jobs N``: N runner processes on the same plan (each ``run ... --jobs 1``, runner i starting at
+    the i-th seed); the per-run locks hand every point to exactly one of them, and fine-tunes wait for the
+    base run another one trains. Returns the worst exit status."""
     cmd = [sys.executable, "-m", "ablation", *argv, "--jobs", "1"]
-    procs = [subprocess.Popen(cmd) for _ in range(jobs)]  # same cwd: relative --output paths keep their meaning
+    # same cwd: relative --runs-dir paths keep their meaning
+    procs = [subprocess.Popen(cmd + ["--runner-index", str(i)]) for i in range(jobs)]
     try:
         codes = [p.wait() for p in procs]
     except BaseException:
@@ -361,6 +366,8 @@ def submit_slurm(plan: Plan, prefix: Sequence[str], gpus: int, partition: Option
     except ImportError:
         raise AblationError("--slurm needs the 'submitit' package (pip install submitit), "
                             "or use --emit-sbatch") from None
+    for run in plan.runs:
+        _check_meta(run)
     if prepare:
         prepare_data(plan)
     folder = plan.runs_root / "slurm" / plan.study
@@ -386,7 +393,7 @@ def submit_slurm(plan: Plan, prefix: Sequence[str], gpus: int, partition: Option
         extra = {"slurm_additional_parameters": {"dependency": "afterok:" + ":".join(deps)}} if deps else {}
         if deps and (cluster in (None, "slurm")):
             executor.update_parameters(**extra)
-        job = executor.submit(SlurmRun(run, prefix, plan.preset.get("env")))
+        job = executor.submit(SlurmRun(run, prefix, plan.preset.env))
         if deps and (cluster in (None, "slurm")):
             executor.update_parameters(slurm_additional_parameters={})
         jobs[run.name] = job
@@ -398,18 +405,19 @@ def sbatch_script(plan: Plan, cli_args: Sequence[str], gpus: int, partition: Opt
                   cpus_per_gpu: int, parallel: int = 8) -> str:
     """An sbatch array script: task i runs ``python -m ablation run ... --index i`` (the i-th run of `plan`)."""
     n = len(plan.runs)
-    first_dep = 1 if plan.runs and plan.runs[0].point == "base" else 0
+    first_dep = next((i for i, r in enumerate(plan.runs) if r.role != "base"), n)  # the bases come first
     part = f"#SBATCH --partition={partition}\n" if partition else ""
     args = shlex.join(list(cli_args))
     lines = [
         "#!/bin/bash",
-        f"# Slurm array for study {plan.study!r} (preset {plan.preset['name']!r}), {n} runs: index -> run",
+        f"# Slurm array for study {plan.study!r} (preset {plan.preset.name!r}), {n} runs: index -> run",
         *[f"#   {i}: {r.name}" for i, r in enumerate(plan.runs)],
         "# Submit (runs already complete exit at once; rerunning the array resumes the rest):",
     ]
     if first_dep:
-        lines += ["#   jid=$(sbatch --parsable --array=0 THIS_SCRIPT)       # the base network first",
-                  f"#   sbatch --dependency=afterok:$jid --array=1-{n - 1}%{parallel} THIS_SCRIPT"]
+        bases = "0" if first_dep == 1 else f"0-{first_dep - 1}"
+        lines += [f"#   jid=$(sbatch --parsable --array={bases} THIS_SCRIPT)       # the base networks first",
+                  f"#   sbatch --dependency=afterok:$jid --array={first_dep}-{n - 1}%{parallel} THIS_SCRIPT"]
     else:
         lines += [f"#   sbatch --array=0-{n - 1}%{parallel} THIS_SCRIPT"]
     lines += [

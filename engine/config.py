@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import math
 import re
 import typing
@@ -138,6 +139,7 @@ class Config:
 # ----------------------------------------------------------------------------------------------------
 # Schema helpers
 
+@functools.lru_cache(maxsize=None)  # a schema's hints never change; resolving them is most of a config's parse
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -275,6 +277,8 @@ def _build(cls: type, raw: Any, prefix: str = "", root: type | None = None) -> A
     for f in fields(cls):
         key = prefix + f.name
         if f.name not in raw:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ConfigError(f"config key '{key}' is required")
             continue
         tp = hints[f.name]
         if is_dataclass(tp):
@@ -318,7 +322,6 @@ def ignored_model_options(name: str, options: dict) -> list[str]:
 def _check_model(cfg: Config) -> None:
     """The model exists, takes every option given, and uses each of them (an ignored option is refused)."""
     from models import registry  # torch-free: the registry's data, not the models
-    from models.dct import GRID, parse_frequencies  # the model zoo owns the frequency grammar
 
     m = cfg.model
     try:
@@ -345,7 +348,14 @@ def _check_model(cfg: Config) -> None:
         raise ConfigError(f"config key '{'model.freq' if k == 'freq' else f'model.kwargs.{k}'}': {m.name} has no "
                           f"{kinds_text} attention, so {k} would be ignored; remove it or choose a model that has it "
                           f"({', '.join(f'{f}*' for f in takers)})")
+    check_model_freq(cfg)
+
+
+def check_model_freq(cfg: Config) -> None:
+    """``model.freq`` parsed on the model's frequency grid (ConfigError naming the key)."""
+    m = cfg.model
     if m.freq is not None:
+        from models.dct import GRID, parse_frequencies  # the model zoo owns the frequency grammar
         try:
             parse_frequencies(m.freq, grid=int(m.kwargs.get("grid") or GRID))
         except (ValueError, TypeError) as e:
@@ -481,6 +491,16 @@ def apply_overrides(raw: dict, overrides: list[str], schema: type | None = None)
 
 
 SECTIONS.update(_sections())
+
+
+def build_schema(cls: type, raw: Any) -> Any:
+    """Any typed config built with this module's rules and one-line errors (unknown keys with "did you mean",
+    types, choices, bounds, required keys), e.g. the ablation presets; fields are declared with
+    :func:`schema_field`."""
+    return _build(cls, raw, root=cls)
+
+
+schema_field = _f
 
 
 def build_config(raw: dict) -> Config:

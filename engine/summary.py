@@ -1,7 +1,9 @@
 """``summary.json``: the result of a finished run, the one file other tools read (``python -m ablation``).
 
 Declared once here. Keys are never renamed; new ones are added with a ``schema_version`` bump.
-Version history: 1 = the first declared schema (the keys before it, plus ``schema_version``).
+Version history: 1 = the first declared schema (the keys before it, plus ``schema_version``); 2 = provenance
+(``torch_version``, ``cuda_version``, ``cpu_model``, ``cpu_count``, ``threads``: CPU numerics differ across
+processors, builds and thread counts, so a result names the machine and build that produced it).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FILE_NAME = "summary.json"
 
 
@@ -36,6 +38,11 @@ class RunSummary:
     peak_lr: float
     git_commit: Optional[str]    # HEAD of this checkout ("-dirty" with local changes), None outside git
     output_dir: str
+    torch_version: Optional[str] = None  # torch.__version__, e.g. "2.14.1+cpu"
+    cuda_version: Optional[str] = None   # torch.version.cuda of the build (None: a CPU-only build)
+    cpu_model: Optional[str] = None      # /proc/cpuinfo "model name" (platform.processor() elsewhere)
+    cpu_count: Optional[int] = None      # logical CPUs of the machine
+    threads: Optional[int] = None        # torch intra-op threads of the run (numerics depend on them on CPU)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:
@@ -46,6 +53,28 @@ class RunSummary:
 
 
 KEYS = tuple(f.name for f in fields(RunSummary))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``lscpu``'s "Model name", read from /proc/cpuinfo), else platform's guess."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance() -> dict:
+    """The :class:`RunSummary` provenance fields of this process (torch is imported by then)."""
+    import os
+
+    import torch
+    return {"torch_version": torch.__version__, "cuda_version": torch.version.cuda, "cpu_model": cpu_model(),
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
 def read_summary(path: str | Path) -> dict | None:

@@ -33,7 +33,7 @@ from engine.meter import Meter, MeterReading
 from engine.preemption import Preemption
 from engine.progress import Progress, log_line
 from engine.rundir import RunDir
-from engine.summary import RunSummary, git_commit
+from engine.summary import RunSummary, git_commit, provenance
 
 __all__ = ["fit", "Trainer", "build_trainer", "check_config"]
 
@@ -441,7 +441,7 @@ class Trainer:
             gpu_hours=wall * gpus / 3600.0, world_size=self.info.world_size,
             device=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             global_batch=self.global_batch, peak_lr=self.optim.schedule.peak_lr, git_commit=git_commit(),
-            output_dir=str(self.run_dir.path))
+            output_dir=str(self.run_dir.path), **provenance())
 
     def close(self) -> None:
         """Stop the loaders' worker processes (on every way out, errors included) and close the writer."""

@@ -17,12 +17,23 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE = f"{sys.executable} {Path(__file__).resolve()}"
-KS = (1, 2, 4, 8, 16)  # the mini preset's k values
+KS = (1, 2, 4, 8, 16)  # the k values of scratch_lowk()
 
 
 def load_preset(name):
-    from ablation.studies import load_preset as load
-    return load(name)
+    from ablation.preset import load_preset as load
+    return load(name)[0]
+
+
+def scratch_lowk(tmp_path) -> str:
+    """The mini preset with a Low-k study trained from scratch (8 epochs, k up to 16): one run per k and seed,
+    no base, no shared run, for the runner's own tests."""
+    import yaml
+    data = yaml.safe_load((REPO / "configs/ablation/mini.yaml").read_text())
+    data["studies"]["lowk"].update(start="scratch", epochs=8, ks=list(KS))
+    path = tmp_path / "mini_lowk.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
 
 
 def fake_trainer(argv):
@@ -94,39 +105,41 @@ def summaries(root: Path):
 @pytest.mark.slow
 def test_single_freq_dependency_then_measured_topk(tmp_path):
     out = tmp_path / "res"
-    p = ablation("run", "--study", "single_freq", "--preset", "mini", "--output", str(out), "--trainer-cmd", FAKE,
+    p = ablation("run", "--study", "single_freq", "--preset", "mini", "--runs-dir", str(out), "--trainer-cmd", FAKE,
                  "--quiet", "--seeds", "1", env={"FAKE_STEPS": "1"})
     assert p.returncode == 0, p.stderr
-    sf = out / "runs" / "single_freq"
-    assert len(summaries(sf)) == 17  # base + the 16 points of the mini preset's 4x4 grid
+    sf = out / "single_freq"
+    assert len(summaries(sf)) == 18  # base, control and the 16 points of the mini preset's 4x4 grid
     assert sorted((sf / "completions.log").read_text().split()) == sorted(
-        ["base"] + [f"u{u}v{v}-s0" for u in range(4) for v in range(4)])
+        ["base-s0", "control-s0"] + [f"u{u}v{v}-s0" for u in range(4) for v in range(4)])
     # --quiet: one short line per run, with its result, and the summary line
     lines = p.stdout.strip().splitlines()
-    assert len(lines) == 18 and all(len(line) < 120 for line in lines)
+    assert len(lines) == 19 and all(len(line) < 120 for line in lines)
     assert all(line.startswith("[ablation] done ") and " top-1 " in line and "(best " in line for line in lines[:-1])
     meta = json.loads((sf / "u2v3-s0" / "ablation.json").read_text())
-    assert meta["frequencies"] == [[2, 3]] and meta["init_checkpoint"].endswith("base/checkpoints/last.pth")
+    assert meta["frequencies"] == [[2, 3]] and meta["init_checkpoint"].endswith("base-s0/checkpoints/last.pth")
+    assert meta["settings"]["optim"]["base_lr"] == load_preset("mini").studies.single_freq.overrides["optim.base_lr"]
     # complete grid -> Top-k from our measurements: the fake accuracy falls with u + v/10, so (0,0),(0,1),...
-    p = ablation("plan", "--study", "topk", "--preset", "mini", "--output", str(out), "--seeds", "1")
+    p = ablation("plan", "--study", "topk", "--preset", "mini", "--runs-dir", str(out), "--seeds", "1")
     assert "# frequency source: measured" in p.stdout and "topk/measured/top4-s0" in p.stdout
-    assert "model.freq=[[0,0],[0,1],[0,2],[0,3]]" in p.stdout
+    assert "top4: (0,0) (0,1) (0,2) (0,3)" in p.stdout
     # a re-run does nothing
-    p = ablation("run", "--study", "single_freq", "--preset", "mini", "--output", str(out), "--trainer-cmd", FAKE,
+    p = ablation("run", "--study", "single_freq", "--preset", "mini", "--runs-dir", str(out), "--trainer-cmd", FAKE,
                  "--seeds", "1")
-    assert p.returncode == 0 and "complete 17, ran 0" in p.stdout
+    assert p.returncode == 0 and "complete 18, ran 0" in p.stdout
 
 
 @pytest.mark.slow
 def test_kill_mid_study_and_resume_trains_each_point_once(tmp_path):
     out = tmp_path / "res"
-    args = ("run", "--study", "lowk", "--preset", "mini", "--output", str(out), "--trainer-cmd", FAKE, "--quiet",
+    args = ("run", "--study", "lowk", "--preset", scratch_lowk(tmp_path), "--runs-dir", str(out), "--trainer-cmd",
+            FAKE, "--quiet",
             "--seeds", "1")
     env = {**os.environ, "FAKE_STEPS": "10", "FAKE_SLEEP": "0.02"}  # epochs x 10 steps x 0.02 s per run
     proc = subprocess.Popen([sys.executable, "-m", "ablation", *args], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    root = out / "runs" / "lowk" / "published"
-    epochs = load_preset("mini")["studies"]["lowk"]["epochs"]
+    root = out / "lowk" / "published"
+    epochs = 8
     deadline = time.time() + 60
     # wait until two runs are complete and the third is part-way through
     while time.time() < deadline:
@@ -155,13 +168,13 @@ def test_kill_mid_study_and_resume_trains_each_point_once(tmp_path):
 @pytest.mark.slow
 def test_two_concurrent_runners_never_train_a_point_twice(tmp_path):
     out = tmp_path / "res"
-    args = [sys.executable, "-m", "ablation", "run", "--study", "lowk", "--preset", "mini", "--seeds", "2",
-            "--output", str(out), "--trainer-cmd", FAKE, "--quiet"]
+    args = [sys.executable, "-m", "ablation", "run", "--study", "lowk", "--preset", scratch_lowk(tmp_path), "--seeds",
+            "2", "--runs-dir", str(out), "--trainer-cmd", FAKE, "--quiet"]
     env = {**os.environ, "FAKE_STEPS": "2", "FAKE_SLEEP": "0.05"}
     procs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
-    root = out / "runs" / "lowk" / "published"
+    root = out / "lowk" / "published"
     done = (root / "completions.log").read_text().split()
     assert sorted(done) == sorted(f"low{k}-s{s}" for k in KS for s in (0, 1))  # each once
     assert not (root / "CONCURRENT").exists()
@@ -199,14 +212,15 @@ def test_stale_and_live_locks(tmp_path):
 
 def test_run_corrupt_summary_and_failed_trainer(tmp_path):
     out = tmp_path / "res"
-    bad = out / "runs" / "lowk" / "published" / "low1-s0" / "summary.json"
+    bad = out / "lowk" / "published" / "low1-s0" / "summary.json"
     bad.parent.mkdir(parents=True)
     bad.write_text("[1, 2")
-    p = ablation("run", "--study", "lowk", "--preset", "mini", "--output", str(out), "--trainer-cmd", FAKE)
+    preset = scratch_lowk(tmp_path)
+    p = ablation("run", "--study", "lowk", "--preset", preset, "--runs-dir", str(out), "--trainer-cmd", FAKE)
     assert p.returncode == 2 and p.stderr.startswith("error: corrupt summary file") and "Traceback" not in p.stderr
     assert bad.read_text() == "[1, 2"  # left alone
     bad.unlink()
-    p = ablation("run", "--study", "lowk", "--preset", "mini", "--output", str(out), "--limit", "1",
+    p = ablation("run", "--study", "lowk", "--preset", preset, "--runs-dir", str(out), "--limit", "1",
                  "--trainer-cmd", f"{sys.executable} -c 'import sys; sys.exit(5)'")
     assert p.returncode == 1 and "failed: lowk/published/low1-s0" in p.stderr
     assert not (bad.parent / "ablation.lock").exists()
@@ -218,10 +232,11 @@ def test_submitit_jobs_run_through_the_same_locks(tmp_path):
     pytest.importorskip("submitit")
     out = tmp_path / "res"
     # submitit's local executor stands in for Slurm (same job pickling, same SlurmRun entry point)
-    p = ablation("run", "--study", "lowk", "--preset", "mini", "--output", str(out), "--slurm", "--slurm-cluster",
+    p = ablation("run", "--study", "lowk", "--preset", scratch_lowk(tmp_path), "--runs-dir", str(out), "--slurm",
+                 "--slurm-cluster",
                  "local", "--limit", "1", "--trainer-cmd", FAKE)
     assert p.returncode == 0 and "submitted lowk/published/low1-s0: job" in p.stdout, p.stderr
-    summary = out / "runs" / "lowk" / "published" / "low1-s0" / "summary.json"
+    summary = out / "lowk" / "published" / "low1-s0" / "summary.json"
     deadline = time.time() + 90
     while not summary.exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -233,16 +248,17 @@ def test_submitit_jobs_run_through_the_same_locks(tmp_path):
 def test_jobs_runs_in_parallel_each_point_once_after_the_base(tmp_path):
     out = tmp_path / "res"
     args = [sys.executable, "-m", "ablation", "run", "--study", "single_freq", "--preset", "mini", "--seeds", "1",
-            "--output", str(out), "--trainer-cmd", FAKE, "--quiet", "--jobs", "2"]
+            "--runs-dir", str(out), "--trainer-cmd", FAKE, "--quiet", "--jobs", "2"]
     env = {**os.environ, "FAKE_STEPS": "2", "FAKE_SLEEP": "0.02"}
     p = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout + p.stderr
-    sf = out / "runs" / "single_freq"
+    sf = out / "single_freq"
     done = (sf / "completions.log").read_text().split()
-    assert done[0] == "base" and sorted(done) == sorted(["base"] + [f"u{u}v{v}-s0" for u in range(4) for v in range(4)])
-    assert not (sf / "CONCURRENT").exists() and "17/17 runs complete" in p.stdout
+    assert done[0] == "base-s0" and sorted(done) == sorted(["base-s0", "control-s0"]
+                                                           + [f"u{u}v{v}-s0" for u in range(4) for v in range(4)])
+    assert not (sf / "CONCURRENT").exists() and "18/18 runs complete" in p.stdout
     starts = [line for line in p.stdout.splitlines() if line.startswith("[ablation] done")]
-    assert len(starts) == 17  # every run reported once, by the runner that trained it
+    assert len(starts) == 18  # every run reported once, by the runner that trained it
 
 
 def test_bad_base_checkpoint_fails_once_at_planning(tmp_path):
@@ -261,26 +277,28 @@ def test_bad_base_checkpoint_fails_once_at_planning(tmp_path):
     torch.save({"model": models.create_model("resnet10", num_classes=10, **kw).state_dict()}, good)
     for path, needle in ((junk, "not a PyTorch checkpoint"), (fca, "holds attention weights"),
                          (classes, "does not fit the preset's network"), (tmp_path / "nope.pth", "file not found")):
-        p = ablation("run", "--study", "single_freq", "--preset", "mini", "--output", str(out), "--trainer-cmd", FAKE,
+        p = ablation("run", "--study", "single_freq", "--preset", "mini", "--runs-dir", str(out), "--trainer-cmd", FAKE,
                      "--base-checkpoint", str(path))
         assert p.returncode == 2 and p.stdout == "", (path, p.stdout)
         assert p.stderr.startswith("error: --base-checkpoint") and needle in p.stderr and p.stderr.count("\n") == 1
         assert "weights_only=False" not in p.stderr and "set to `False`" not in p.stderr  # never advise unsafe loads
-        assert not (out / "runs" / "single_freq").exists()  # nothing started
-    p = ablation("plan", "--study", "single_freq", "--preset", "mini", "--output", str(out),
+        assert not (out / "single_freq").exists()  # nothing started
+    p = ablation("plan", "--study", "single_freq", "--preset", "mini", "--runs-dir", str(out),
                  "--base-checkpoint", str(good))
     assert p.returncode == 0 and "# base checkpoint:" in p.stdout and "dependency" not in p.stdout
 
 
 def test_emit_sbatch(tmp_path):
     script = tmp_path / "sf.sbatch"
-    p = ablation("run", "--study", "single_freq", "--preset", "imagenet", "--output", str(tmp_path), "--gpus", "8",
-                 "--emit-sbatch", str(script))
+    p = ablation("run", "--study", "single_freq", "--preset", "imagenet", "--runs-dir", str(tmp_path), "--gpus", "8",
+                 "--seeds", "2", "--emit-sbatch", str(script))
     assert p.returncode == 0, p.stderr
     text = script.read_text()
-    assert "#SBATCH --gpus-per-node=8" in text and "--array=1-49%8" in text
-    assert "--index \"$SLURM_ARRAY_TASK_ID\"" in text
-    assert "#   0: single_freq/base" in text and "#   49: single_freq/u6v6-s0" in text
+    # every seed's base first (tasks 0-1), then the controls and fine-tunes (2 x 50) once all bases are done
+    assert "#SBATCH --gpus-per-node=8" in text and "--array=0-1 " in text and "--array=2-101%8" in text
+    assert "--index \"$SLURM_ARRAY_TASK_ID\"" in text and "--seeds 2" in text
+    assert "#   0: single_freq/base-s0" in text and "#   2: single_freq/control-s0" in text
+    assert "#   101: single_freq/u6v6-s1" in text
 
 
 if __name__ == "__main__":

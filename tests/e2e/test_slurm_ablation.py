@@ -33,7 +33,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDY, PRESET = "single_freq", "mini"
-LIMIT = 3          # the base network and the first two fine-tunes
+SEEDS = ("--seeds", "1")  # one replicate: its base, then its control and fine-tunes
+LIMIT = 3          # the base network, the no-attention control and the first fine-tune
 STEPS = 4          # training steps per epoch (the mini preset's epochs have 23)
 TABLES = ("table.csv", "table.md")  # runs.csv differs by design: it lists each run's directory
 
@@ -55,7 +56,7 @@ def ablation(cluster: SlurmCluster, *args: str, timeout: float = 600) -> str:
 
 def plan_runs(runs_dir: Path):
     from ablation.studies import build_plan
-    return build_plan(STUDY, PRESET, runs_root=runs_dir).runs
+    return build_plan(STUDY, PRESET, runs_root=runs_dir, seeds=1).runs
 
 
 def read_tables(out: Path) -> dict[str, str]:
@@ -99,10 +100,10 @@ def local(slurm_cluster, trainer_cmd, tmp_path_factory) -> tuple[Path, dict[str,
     """The reference: the same points run locally, one after another; returns (runs dir, tables)."""
     tmp = tmp_path_factory.mktemp("slurm_abl_local")
     runs, out = tmp / "runs", tmp / "results"
-    ablation(slurm_cluster, "run", "--study", STUDY, "--preset", PRESET, "--runs-dir", str(runs), "--limit",
-             str(LIMIT), "--trainer-cmd", trainer_cmd, "--quiet")
-    ablation(slurm_cluster, "collect", "--study", STUDY, "--preset", PRESET, "--runs-dir", str(runs), "--output",
-             str(out))
+    ablation(slurm_cluster, "run", "--study", STUDY, "--preset", PRESET, *SEEDS, "--runs-dir", str(runs),
+             "--limit", str(LIMIT), "--trainer-cmd", trainer_cmd, "--quiet")
+    ablation(slurm_cluster, "collect", "--study", STUDY, "--preset", PRESET, *SEEDS, "--runs-dir", str(runs),
+             "--output", str(out))
     return runs, read_tables(out)
 
 
@@ -112,8 +113,8 @@ def submitit_submission(slurm_cluster, trainer_cmd, tmp_path_factory) -> tuple[P
     dir, the CLI's output and each submitted job's ``Dependency`` read right after submission (while the base
     job is still pending or running: Slurm clears a dependency once it is satisfied)."""
     runs = tmp_path_factory.mktemp("slurm_abl_submitit") / "runs"
-    stdout = ablation(slurm_cluster, "run", "--study", STUDY, "--preset", PRESET, "--runs-dir", str(runs), "--slurm",
-                      "--limit", str(LIMIT), "--trainer-cmd", trainer_cmd, "--slurm-cpus-per-gpu", "1",
+    stdout = ablation(slurm_cluster, "run", "--study", STUDY, "--preset", PRESET, *SEEDS, "--runs-dir", str(runs),
+                      "--slurm", "--limit", str(LIMIT), "--trainer-cmd", trainer_cmd, "--slurm-cpus-per-gpu", "1",
                       "--slurm-time", "15")
     deps = {job: slurm_cluster.job(job)["Dependency"]
             for job in re.findall(r"^submitted \S+: job (\d+)$", stdout, re.M)}
@@ -136,8 +137,8 @@ def test_submitit_base_then_finetunes_same_table_as_local(slurm_cluster, submiti
     base_done = (planned[0].run_dir / "summary.json").stat().st_mtime
     for run in planned[1:]:  # a fine-tune's runner starts (writes ablation.json) after the base finished
         assert (run.run_dir / "ablation.json").stat().st_mtime >= base_done
-    ablation(slurm_cluster, "collect", "--study", STUDY, "--preset", PRESET, "--runs-dir", str(runs), "--output",
-             str(out))
+    ablation(slurm_cluster, "collect", "--study", STUDY, "--preset", PRESET, *SEEDS, "--runs-dir", str(runs),
+             "--output", str(out))
     assert read_tables(out) == local[1]
     local_runs = {r.name: r.run_dir for r in plan_runs(local[0])}
     for run in planned:
@@ -159,8 +160,9 @@ def sbatch_commands(script: Path, n_runs: int) -> tuple[list[str], list[str]]:
 
 def test_emit_sbatch_kill_resubmit_and_locks(slurm_cluster, trainer_cmd, local, tmp_path):
     runs, out, script = tmp_path / "runs", tmp_path / "results", tmp_path / "ablation.sbatch"
-    ablation(slurm_cluster, "run", "--study", STUDY, "--preset", PRESET, "--runs-dir", str(runs), "--emit-sbatch",
-             str(script), "--trainer-cmd", trainer_cmd, "--slurm-cpus-per-gpu", "1", "--slurm-time", "15")
+    ablation(slurm_cluster, "run", "--study", STUDY, "--preset", PRESET, *SEEDS, "--runs-dir", str(runs),
+             "--emit-sbatch", str(script), "--trainer-cmd", trainer_cmd, "--slurm-cpus-per-gpu", "1",
+             "--slurm-time", "15")
     planned = plan_runs(runs)
     first, second = sbatch_commands(script, len(planned))
     assert first[:3] == ["sbatch", "--parsable", "--array=0"]
@@ -200,8 +202,8 @@ def test_emit_sbatch_kill_resubmit_and_locks(slurm_cluster, trainer_cmd, local, 
     assert launches(base) == 2
     local_runs = {r.name: r.run_dir for r in plan_runs(local[0])}
     assert_same_weights(base, local_runs[planned[0].name])
-    ablation(slurm_cluster, "collect", "--study", STUDY, "--preset", PRESET, "--runs-dir", str(runs), "--output",
-             str(out))
+    ablation(slurm_cluster, "collect", "--study", STUDY, "--preset", PRESET, *SEEDS, "--runs-dir", str(runs),
+             "--output", str(out))
     assert read_tables(out) == local[1]
 
     # 3. Resubmitting everything trains nothing again: logs and checkpoints untouched.
