@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-from pathlib import Path
 from typing import Optional, Sequence
 
 from . import attention, data, gpu, train, trainer
@@ -44,8 +42,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.argv = argv
     if args.quick and args.quick_overrides is not None:
         args.quick_overrides(args)
-    if args.quick and args.out is None:  # smoke figures never replace the committed reports under results/
-        args.out = str(Path(tempfile.gettempdir()) / "fcanet_bench_quick" / f"{args.command}.md")
     try:
         check_report_args(args)
         args.run(args)
