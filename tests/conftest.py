@@ -220,11 +220,9 @@ def _test_path(item) -> str:
     return path.relative_to(ROOT / "tests").as_posix() if path.is_relative_to(ROOT / "tests") else path.as_posix()
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the xdist_group marks into work units
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under ``--dist loadgroup``: every test file is one unit of work (module fixtures built once), the Slurm
-    files one unit together (one cluster per worker session), and the files listed in :data:`LONGEST_FIRST`
-    are scheduled first (pytest.ini keeps xdist from reordering units by their number of tests)."""
+    """The files listed in :data:`LONGEST_FIRST` first: xdist hands out files in collection order (pytest.ini
+    keeps it from reordering them by their number of tests)."""
     import fnmatch
 
     def rank(item) -> int:
@@ -232,7 +230,19 @@ def pytest_collection_modifyitems(config, items) -> None:
         return next((i for i, pat in enumerate(LONGEST_FIRST) if fnmatch.fnmatch(rel, pat)), len(LONGEST_FIRST))
 
     items.sort(key=rank)  # stable: the order within a file and among unlisted files is kept
-    if config.pluginmanager.hasplugin("xdist") and getattr(config.option, "dist", "no") == "loadgroup":
-        for item in items:
-            rel = _test_path(item)
-            item.add_marker(pytest.mark.xdist_group("slurm" if Path(rel).name.startswith("test_slurm_") else rel))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` (pytest.ini), except that the Slurm test files are one unit of work together: the
+    Slurm cluster is a session fixture, so one worker starts one cluster for both. (xdist's own ``loadgroup``
+    marks cannot express this with pytest 9, whose node ids they fail to rewrite.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesSlurmTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "slurm" if Path(path).name.startswith("test_slurm_") else path
+
+    return FilesSlurmTogether(config, log)
