@@ -144,16 +144,15 @@ def assert_refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 def checksums(*roots: Path, skip: tuple[str, ...] = ("train.lock", "train.lock.break")) -> dict[str, str]:
-    """sha256 of every regular file under ``roots`` (keyed by path relative to its root when there is one root,
-    else by full path), except symlinks and names matching a glob in ``skip`` (by default the run-directory
-    lock files, which every launch creates and removes)."""
+    """sha256 of every regular file under ``roots`` (folders or files), except symlinks and names matching a
+    glob in ``skip`` (by default the run-directory lock and its break mutex, which launches create and remove).
+    Keyed by the path relative to the folder when ``roots`` is one folder, else by the full path."""
+    relative = len(roots) == 1 and Path(roots[0]).is_dir()
     out = {}
-    for root in roots:
-        root = Path(root)
-        for p in sorted(root.rglob("*")):
+    for root in map(Path, roots):
+        for p in sorted(root.rglob("*")) if root.is_dir() else [root]:
             if p.is_file() and not p.is_symlink() and not any(p.match(g) for g in skip):
-                key = str(p.relative_to(root)) if len(roots) == 1 else str(p)
-                out[key] = hashlib.sha256(p.read_bytes()).hexdigest()
+                out[str(p.relative_to(root)) if relative else str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
 
