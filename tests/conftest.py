@@ -27,8 +27,14 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
-import pytest
+# One intra-op thread per test process (and per subprocess it starts), set before numpy or torch is imported: the
+# tests' tensors are tiny, where a second thread only spins at every op's barrier, and the parallel workers (and
+# the other jobs of a shared machine) already occupy the cores. (Measured: test_models.py took 121 s of CPU with
+# two threads per process on two loaded cores.)
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tests exercise the checkout they live in: pytest.ini puts it first on sys.path (pythonpath = .), and this
