@@ -1,18 +1,40 @@
-"""Shared fixtures: tiny ImageFolder trees and fast training overrides (CPU, seconds).
+"""Shared fixtures and helpers: tiny ImageFolder trees, fast training overrides (CPU, seconds), the entry points
+as subprocesses or in process, and the one-line error contract.
 
 Stable helpers other tests may use:
 
 * :func:`write_tiny_imagefolder` / the ``tiny_imagefolder`` fixture: ``root/{train,val}/<class>/<n>.png``
   with class-dependent colours (learnable), deterministic.
-* :func:`tiny_overrides`: ``KEY=VALUE`` overrides that make any config a seconds-long CPU run.
+* :func:`tiny_overrides` / :func:`train_args`: ``KEY=VALUE`` overrides that make any config a seconds-long CPU run.
+* the session fixtures ``tiny_data`` and ``tiny_run``: one tiny tree and one finished 2-epoch run on it, shared
+  by every test that only reads them (copy the run directory before changing anything in it).
+* :func:`run_cli` / :func:`torchrun`: ``train_imagenet.py`` or ``eval_imagenet.py`` as a subprocess (one process,
+  or DDP under ``torchrun --standalone``); :func:`run_main`: the same entry point in this process (seconds
+  faster: no torch import), with the same result type.
+* :func:`assert_refused` (exit status 2, exactly one ``error:`` line, no traceback), :func:`error_lines`,
+  :func:`checksums` (sha256 of every file under a folder: "nothing already written changed").
+
+Parallel runs (pytest-xdist, see pytest.ini): each test file runs in one worker (its module fixtures are built
+once), the Slurm files share one worker (one cluster), and the longest files start first.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
-import numpy as np
-import pytest
+# One intra-op thread per test process (and per subprocess it starts), set before numpy or torch is imported: the
+# tests' tensors are tiny, where a second thread only spins at every op's barrier, and the parallel workers (and
+# the other jobs of a shared machine) already occupy the cores. (Measured: test_models.py took 121 s of CPU with
+# two threads per process on two loaded cores.)
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tests exercise the checkout they live in: pytest.ini puts it first on sys.path (pythonpath = .), and this
@@ -72,3 +94,160 @@ def subprocess_env() -> dict:
 @pytest.fixture
 def tiny_imagefolder(tmp_path) -> Path:
     return write_tiny_imagefolder(tmp_path / "data")
+
+
+def train_args(data_root, output_dir, **extra) -> list[str]:
+    """``--config <base config>`` and :func:`tiny_overrides`: the arguments of a seconds-long training run."""
+    return ["--config", str(BASE_CONFIG)] + tiny_overrides(data_root, output_dir, **extra)
+
+
+# ------------------------------------------------------------------------------------------- entry points
+
+def run_cli(script: str, args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """``python <script> ARGS`` (a path relative to the repository root) from the root, text output captured."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def torchrun(nproc: int, script: str, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=NPROC <script> ARGS`` (gloo on CPU). ``--standalone`` binds its
+    rendezvous to a free port, so parallel test workers do not collide."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / script), *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_main(script: str, args: list[str], capsys) -> subprocess.CompletedProcess:
+    """The entry point of ``script`` (``train_imagenet.py`` / ``eval_imagenet.py``) called in this process
+    (:func:`engine.entrypoints.train_main` / ``eval_main``), as a :class:`subprocess.CompletedProcess`: its
+    return value is the exit status, stdout/stderr what it printed. What a subprocess adds (the torch import,
+    ``sys.exit``) is tested once per kind of exit by the tests that start one."""
+    from engine.entrypoints import eval_main, train_main
+
+    main = {"train_imagenet.py": train_main, "eval_imagenet.py": eval_main}[script]
+    capsys.readouterr()  # drop what earlier calls printed
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([script, *args], rc, out, err)
+
+
+# ------------------------------------------------------------------------------------- the error contract
+
+def error_lines(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+
+
+def assert_refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit status 2, exactly one ``error:`` line containing every needle, no traceback and no terminal escape
+    codes; returns the line."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "\x1b" not in proc.stderr, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+def checksums(*roots: Path, skip: tuple[str, ...] = ("train.lock", "train.lock.break")) -> dict[str, str]:
+    """sha256 of every regular file under ``roots`` (folders or files), except symlinks and names matching a
+    glob in ``skip`` (by default the run-directory lock and its break mutex, which launches create and remove).
+    Keyed by the path relative to the folder when ``roots`` is one folder, else by the full path."""
+    relative = len(roots) == 1 and Path(roots[0]).is_dir()
+    out = {}
+    for root in map(Path, roots):
+        for p in sorted(root.rglob("*")) if root.is_dir() else [root]:
+            if p.is_file() and not p.is_symlink() and not any(p.match(g) for g in skip):
+                out[str(p.relative_to(root)) if relative else str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+# ------------------------------------------------------------------------------ the shared finished run
+
+# The settings of ``tiny_run`` beyond tiny_overrides: 24 train images / batch 4 = 6 steps per epoch, 2 epochs, a
+# checkpoint every 2 steps (last.pth and last.prev.pth both exist).
+TINY_RUN = {"train.epochs": 2, "train.checkpoint_every_steps": 2}
+
+
+class TinyRun(NamedTuple):
+    data: Path      # the tiny_data tree
+    dir: Path       # the finished run directory (read only)
+    summary: dict   # what fit() returned
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """The default :func:`write_tiny_imagefolder` tree (3 classes, 24 train / 12 val images), read only."""
+    return write_tiny_imagefolder(tmp_path_factory.mktemp("tiny") / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory):
+    """One finished run (in process) on ``tiny_data`` with the :data:`TINY_RUN` settings, shared by the tests
+    that read a finished run; copy it (:func:`copy_run`) to change it. Checked unchanged at the end."""
+    from engine.config import load_config
+    from engine.trainer import fit
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    summary = fit(load_config(BASE_CONFIG, tiny_overrides(tiny_data, out, **TINY_RUN)))
+    before = checksums(out), checksums(tiny_data)
+    yield TinyRun(tiny_data, out, summary)
+    assert (checksums(out), checksums(tiny_data)) == before, "a test changed the shared tiny_run or tiny_data"
+
+
+def copy_run(run_dir: Path, dst: Path) -> Path:
+    """A copy of a run directory at ``dst`` (created), to damage or train on."""
+    shutil.copytree(run_dir, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------ parallel runs (xdist)
+
+# Test files that take longest (seconds of CPU each, measured on 2 cores), started first so that no long file is
+# left to run alone at the end; the others follow in collection order. Patterns are matched against the path
+# relative to tests/.
+LONGEST_FIRST = ()
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pytest.ini): one worker per CPU this process may use (not per physical core: a 2-vCPU VM
+    reports one), at most 4. Many tests start subprocesses of their own (torchrun, Slurm jobs), and the
+    longest single file bounds the run anyway."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 4))
+
+
+def _test_path(item) -> str:
+    path = Path(str(item.path))
+    return path.relative_to(ROOT / "tests").as_posix() if path.is_relative_to(ROOT / "tests") else path.as_posix()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The files listed in :data:`LONGEST_FIRST` first: xdist hands out files in collection order (pytest.ini
+    keeps it from reordering them by their number of tests)."""
+    import fnmatch
+
+    def rank(item) -> int:
+        rel = _test_path(item)
+        return next((i for i, pat in enumerate(LONGEST_FIRST) if fnmatch.fnmatch(rel, pat)), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: the order within a file and among unlisted files is kept
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` (pytest.ini), except that the Slurm test files are one unit of work together: the
+    Slurm cluster is a session fixture, so one worker starts one cluster for both. (xdist's own ``loadgroup``
+    marks cannot express this with pytest 9, whose node ids they fail to rewrite.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesSlurmTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "slurm" if Path(path).name.startswith("test_slurm_") else path
+
+    return FilesSlurmTogether(config, log)

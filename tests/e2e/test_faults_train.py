@@ -1,11 +1,15 @@
 """Faults a user or an operator causes, driven through the real entry points (``train_imagenet.py``,
-``eval_imagenet.py``) as subprocesses on tiny generated data.
+``eval_imagenet.py``) on tiny generated data.
 
 Every refused case must end with exit status 2, exactly one ``error:`` line and no traceback, and leave every
 file that was there before byte-identical (nothing lost). Covered: run-directory ownership, structural changes
 on resume, a full disk, torn files (checkpoint, metrics, summary, config, temp files of an interrupted save),
 user errors under DDP at 2 processes, checkpoint garbage and foreign pickles, ``kill -9`` at random points
 followed by a bitwise-equal resume, SIGTERM under torchrun.
+
+The entry points run in this process (``run_main``: the same function the scripts call, seconds faster) where
+only their message and files are checked; a subprocess where the process itself matters: a second process
+holding the run directory, an exit status 2 from the script, ``kill -9``, torchrun (DDP errors, SIGTERM).
 """
 from __future__ import annotations
 
@@ -25,44 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BASE_CONFIG, ROOT, subprocess_env, tiny_overrides, write_tiny_imagefolder
-
-LOCK_FILES = ("train.lock", "train.lock.break")  # the lock (removed on exit); the mutex for breaking a stale one
-
-
-def cli(script: str, args: list[str], timeout: float = 180, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script)] + args, cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout, **popen)
-
-
-def train_args(data: Path, out: Path, **extra) -> list[str]:
-    return ["--config", str(BASE_CONFIG)] + tiny_overrides(data, out, **extra)
-
-
-def torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "train_imagenet.py")] + args
-    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def checksums(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in LOCK_FILES}
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [ln for ln in stderr.splitlines() if ln.startswith("error:")]
-
-
-def assert_refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit 2, one ``error:`` line containing every needle, no traceback; returns the line."""
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    errors = error_lines(proc.stderr)
-    assert len(errors) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr and "\x1b" not in proc.stderr, proc.stderr
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    return errors[0]
+from conftest import (ROOT, TINY_RUN, assert_refused, checksums, copy_run, error_lines, run_cli, run_main,
+                      subprocess_env, torchrun, train_args)
 
 
 def weights(out: Path) -> dict:
@@ -78,35 +46,30 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_tiny_imagefolder(tmp_path_factory.mktemp("faults") / "data")
+# The shared finished run (conftest.tiny_run): 6 steps per epoch, 2 epochs, a checkpoint every 2 steps (last.pth
+# and last.prev.pth exist). A relaunch that trains on asks for a third epoch.
+MORE = {**TINY_RUN, "train.epochs": 3}
 
 
-# 24 train images / batch 4: 6 steps per epoch; a checkpoint every 2 steps (last.pth and last.prev.pth exist)
-ONE_EPOCH = {"train.epochs": 1, "train.checkpoint_every_steps": 2}
+@pytest.fixture
+def data(tiny_data) -> Path:
+    return tiny_data
 
 
-@pytest.fixture(scope="module")
-def finished(data, tmp_path_factory) -> Path:
-    """A complete 1-epoch run (the subprocess entry point), copied by the tests that damage it."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    proc = cli("train_imagenet.py", train_args(data, out, **ONE_EPOCH))
-    assert proc.returncode == 0, proc.stderr
-    return out
+@pytest.fixture
+def finished(tiny_run) -> Path:
+    return tiny_run.dir
 
 
 @pytest.fixture
 def run_copy(finished, tmp_path) -> Path:
-    out = tmp_path / "run"
-    shutil.copytree(finished, out)
-    return out
+    return copy_run(finished, tmp_path / "run")
 
 
 # ---------------------------------------------------------------------------------------------- run dir owner
 
 @pytest.mark.slow
-def test_second_trainer_on_a_run_directory_is_refused_naming_the_holder(data, tmp_path):
+def test_second_trainer_on_a_run_directory_is_refused_naming_the_holder(data, tmp_path, capsys):
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, str(ROOT / "train_imagenet.py")]
                              + train_args(data, out, **{"train.epochs": 500}),
@@ -116,7 +79,8 @@ def test_second_trainer_on_a_run_directory_is_refused_naming_the_holder(data, tm
             if line.startswith("start training"):
                 break
         before = (out / "config.yaml").read_bytes()
-        second = cli("train_imagenet.py", train_args(data, out, **{"train.epochs": 500, "optim.base_lr": 0.5}))
+        second = run_main("train_imagenet.py", train_args(data, out, **{"train.epochs": 500, "optim.base_lr": 0.5}),
+                          capsys)
         line = assert_refused(second, f"run directory {out} is in use by pid {first.pid} on host",
                               "choose another output_dir")
         assert "started" in line
@@ -160,54 +124,49 @@ def test_run_dir_lock_in_process(tmp_path):
 
 # ------------------------------------------------------------------------------------ structural change, reruns
 
-@pytest.mark.slow
 @pytest.mark.parametrize("change, key", [
     ({"model.num_classes": 4}, "model.num_classes"),
     ({"model.name": "fcanet18"}, "model.name"),
     ({"data.image_size": 48, "data.val_resize": 48}, "data.image_size"),
     ({"model.kwargs": "{widths: [16, 16, 32, 64]}"}, "model.kwargs"),
 ])
-def test_structural_change_on_resume_is_refused(data, run_copy, change, key):
+def test_structural_change_on_resume_is_refused(data, run_copy, change, key, capsys):
     before = checksums(run_copy)
-    proc = cli("train_imagenet.py", train_args(data, run_copy, **{**ONE_EPOCH, "train.epochs": 2, **change}))
+    proc = run_main("train_imagenet.py", train_args(data, run_copy, **{**MORE, **change}), capsys)
     assert_refused(proc, f"cannot resume {run_copy}/checkpoints/last.pth", key, "start a new run")
     assert checksums(run_copy) == before
 
 
-@pytest.mark.slow
-def test_freq_on_a_model_without_fca_is_refused(data, tmp_path, finished):
-    proc = cli("train_imagenet.py", train_args(data, tmp_path / "r", **{"model.freq": "low4"}))
+def test_freq_on_a_model_without_fca_is_refused(data, tmp_path, finished, capsys):
+    proc = run_main("train_imagenet.py", train_args(data, tmp_path / "r", **{"model.freq": "low4"}), capsys)
     assert_refused(proc, "model.freq", "resnet18 has no frequency channel attention")
     assert not (tmp_path / "r").exists()
-    proc = cli("eval_imagenet.py", train_args(data, tmp_path / "r", **{"model.freq": "low4"})
-               + ["--checkpoint", str(finished / "checkpoints/best.pth")])
+    proc = run_main("eval_imagenet.py", train_args(data, tmp_path / "r", **{"model.freq": "low4"})
+                    + ["--checkpoint", str(finished / "checkpoints/best.pth")], capsys)
     assert_refused(proc, "model.freq")
 
 
-@pytest.mark.slow
-def test_rerunning_a_finished_run_says_so_and_changes_nothing(data, run_copy):
+def test_rerunning_a_finished_run_says_so_and_changes_nothing(data, run_copy, capsys):
     before = checksums(run_copy)
-    proc = cli("train_imagenet.py", train_args(data, run_copy, **ONE_EPOCH))
+    proc = run_main("train_imagenet.py", train_args(data, run_copy, **TINY_RUN), capsys)
     assert proc.returncode == 0, proc.stderr
     assert "already complete" in proc.stdout and "choose a new output_dir" in proc.stdout
     assert "start training" not in proc.stdout
     assert checksums(run_copy) == before
 
 
-@pytest.mark.slow
-def test_failed_relaunch_keeps_config_and_a_changed_one_is_versioned(data, run_copy):
+def test_failed_relaunch_keeps_config_and_a_changed_one_is_versioned(data, run_copy, capsys):
     before = checksums(run_copy)
     # lr 1e30: the loss diverges at once; the run stops before any checkpoint of the new config
-    proc = cli("train_imagenet.py", train_args(data, run_copy, **{**ONE_EPOCH, "train.epochs": 2,
-                                                                  "optim.base_lr": 1e30}))
+    proc = run_main("train_imagenet.py", train_args(data, run_copy, **{**MORE, "optim.base_lr": 1e30}), capsys)
     assert_refused(proc, "non-finite training loss")
     assert checksums(run_copy) == before
     # a relaunch that really trains on: config.yaml describes the new weights, the old one is kept
-    proc = cli("train_imagenet.py", train_args(data, run_copy, **{**ONE_EPOCH, "train.epochs": 2}))
+    proc = run_main("train_imagenet.py", train_args(data, run_copy, **MORE), capsys)
     assert proc.returncode == 0, proc.stderr
     old = (run_copy / "config.1.yaml").read_text()
     assert hashlib.sha256(old.encode()).hexdigest() == before["config.yaml"]
-    assert "epochs: 2" in (run_copy / "config.yaml").read_text() and "epochs: 1" in old
+    assert "epochs: 3" in (run_copy / "config.yaml").read_text() and "epochs: 2" in old
 
 
 # ---------------------------------------------------------------------------------------------------- disk full
@@ -220,8 +179,7 @@ def _mount_tmpfs(path: Path, size_kb: int) -> bool:
                           capture_output=True).returncode == 0
 
 
-@pytest.mark.slow
-def test_disk_full_while_checkpointing_is_one_line_and_loses_nothing(data, finished, tmp_path):
+def test_disk_full_while_checkpointing_is_one_line_and_loses_nothing(data, finished, tmp_path, capsys):
     mnt = tmp_path / "mnt"
     if not _mount_tmpfs(mnt, 4096):
         pytest.skip("cannot mount a tmpfs here (needs root); test_injected_enospc covers the same path")
@@ -232,28 +190,25 @@ def test_disk_full_while_checkpointing_is_one_line_and_loses_nothing(data, finis
         free = st.f_bavail * st.f_frsize
         (mnt / "filler").write_bytes(b"\0" * max(free - 48 * 1024, 0))  # room for a metrics row, not a checkpoint
         before = {k: v for k, v in checksums(out).items() if k != "metrics.jsonl"}
-        proc = cli("train_imagenet.py", train_args(data, out, **{**ONE_EPOCH, "train.epochs": 2}))
+        proc = run_main("train_imagenet.py", train_args(data, out, **MORE), capsys)
         line = assert_refused(proc, f"cannot write {out}/checkpoints/", "[Errno 28] No space left on device")
         assert "inline_container" not in line
         after = checksums(out)
         assert {k: after[k] for k in before} == before                  # every checkpoint intact
         assert not [p for p in (out / "checkpoints").iterdir() if ".tmp" in p.name]  # no partial file left
         (mnt / "filler").unlink()
-        proc = cli("train_imagenet.py", train_args(data, out, **{**ONE_EPOCH, "train.epochs": 2}))
+        proc = run_main("train_imagenet.py", train_args(data, out, **MORE), capsys)
         assert proc.returncode == 0, proc.stderr
         rows = [json.loads(r)["epoch"] for r in (out / "metrics.jsonl").read_text().splitlines()]
-        assert rows == [1, 2]  # the row of the failed session was dropped on resume
+        assert rows == [1, 2, 3]  # the row of the failed session was dropped on resume
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def test_injected_enospc_names_path_and_errno(data, tmp_path, monkeypatch, capsys):
+def test_injected_enospc_names_path_and_errno(data, run_copy, monkeypatch, capsys):
     """The same failure without a real full disk: torch.save reports ENOSPC the way it does (a RuntimeError
     from the zip writer, raised while handling the OSError)."""
     from engine.entrypoints import train_main as main
-
-    run_copy = tmp_path / "run"
-    assert main(train_args(data, run_copy, **ONE_EPOCH)) == 0
 
     real_save = torch.save
 
@@ -266,7 +221,8 @@ def test_injected_enospc_names_path_and_errno(data, tmp_path, monkeypatch, capsy
 
     before = {k: v for k, v in checksums(run_copy).items() if k != "metrics.jsonl"}
     monkeypatch.setattr(torch, "save", full_disk)
-    rc = main(train_args(data, run_copy, **{**ONE_EPOCH, "train.epochs": 2}))
+    capsys.readouterr()
+    rc = main(train_args(data, run_copy, **MORE))
     monkeypatch.setattr(torch, "save", real_save)
     err = capsys.readouterr().err
     assert rc == 2 and len(error_lines(err)) == 1 and "Traceback" not in err
@@ -278,24 +234,20 @@ def test_injected_enospc_names_path_and_errno(data, tmp_path, monkeypatch, capsy
 
 # --------------------------------------------------------------------------------------------------- torn files
 
-@pytest.mark.slow
-def test_torn_last_checkpoint_falls_back_bitwise(data, tmp_path):
-    ref, out = tmp_path / "ref", tmp_path / "run"
-    assert cli("train_imagenet.py", train_args(data, ref, **{**ONE_EPOCH, "train.epochs": 2})).returncode == 0
-    proc = cli("train_imagenet.py", train_args(data, out, **{**ONE_EPOCH, "train.epochs": 2,
-                                                             "debug.kill_after_steps": 9}))
+def test_torn_last_checkpoint_falls_back_bitwise(data, finished, tmp_path, capsys):
+    out = tmp_path / "run"
+    proc = run_main("train_imagenet.py", train_args(data, out, **TINY_RUN, **{"debug.kill_after_steps": 9}), capsys)
     assert proc.returncode == 137
     last = out / "checkpoints/last.pth"
     last.write_bytes(last.read_bytes()[:1000])  # torn: step 8's checkpoint; last.prev.pth holds step 6
-    proc = cli("train_imagenet.py", train_args(data, out, **{**ONE_EPOCH, "train.epochs": 2}))
+    proc = run_main("train_imagenet.py", train_args(data, out, **TINY_RUN), capsys)
     assert proc.returncode == 0, proc.stderr
     assert "last.pth is truncated or corrupt" in proc.stdout and "resumed from" in proc.stdout
     assert (out / "checkpoints/last.corrupt.pth").exists()  # kept for inspection
-    assert_bitwise_equal(weights(out), weights(ref))
+    assert_bitwise_equal(weights(out), weights(finished))  # the uninterrupted run
 
 
-@pytest.mark.slow
-def test_torn_metrics_summary_config_and_temp_files(data, run_copy):
+def test_torn_metrics_summary_config_and_temp_files(data, run_copy, capsys):
     good_summary = json.loads((run_copy / "summary.json").read_text())
     # an interrupted save of the previous session left temp files; a crash tore the other files
     (run_copy / "checkpoints/.last.pth.tmp4242").write_bytes(b"PK\x03\x04part")
@@ -303,7 +255,7 @@ def test_torn_metrics_summary_config_and_temp_files(data, run_copy):
     (run_copy / ".summary.json.tmp4242").write_text("{")
     (run_copy / "summary.json").write_text('{"status": "comp')
     # a rerun of the complete run rewrites the torn summary from the checkpoint, and removes the temp files
-    proc = cli("train_imagenet.py", train_args(data, run_copy, **ONE_EPOCH))
+    proc = run_main("train_imagenet.py", train_args(data, run_copy, **TINY_RUN), capsys)
     assert proc.returncode == 0, proc.stderr
     assert "removed 2 partial file(s)" in proc.stdout and "removed 1 partial file(s)" in proc.stdout
     assert not [p for p in run_copy.rglob("*") if ".tmp" in p.name]
@@ -314,15 +266,15 @@ def test_torn_metrics_summary_config_and_temp_files(data, run_copy):
     assert summary["schema_version"] == SCHEMA_VERSION and summary["torch_version"] and summary["threads"] >= 1
     # torn metrics.jsonl and config.yaml: training on drops the torn row (with a warning), keeps the torn config
     with open(run_copy / "metrics.jsonl", "a") as f:
-        f.write('{"epoch": 2, "train_lo')
+        f.write('{"epoch": 3, "train_lo')
     (run_copy / "config.yaml").write_text("model:\n  name: resn")
-    proc = cli("train_imagenet.py", train_args(data, run_copy, **{**ONE_EPOCH, "train.epochs": 2}))
+    proc = run_main("train_imagenet.py", train_args(data, run_copy, **MORE), capsys)
     assert proc.returncode == 0, proc.stderr
     assert "dropping a torn last line" in proc.stdout
-    assert [json.loads(r)["epoch"] for r in (run_copy / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [json.loads(r)["epoch"] for r in (run_copy / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert (run_copy / "config.1.yaml").read_text() == "model:\n  name: resn"
     from engine.config import load_config
-    assert load_config(run_copy / "config.yaml").train.epochs == 2
+    assert load_config(run_copy / "config.yaml").train.epochs == 3
 
 
 # ------------------------------------------------------------------------------------- checkpoints from outside
@@ -368,17 +320,24 @@ def test_checkpoint_garbage_and_foreign_pickles_in_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoint_garbage_through_the_entry_points(data, finished, tmp_path):
+def test_checkpoint_garbage_through_the_entry_points(data, tmp_path, capsys):
     marker = tmp_path / "pwned"
     files = _foreign_files(tmp_path / "files", marker)
-    for kind in ("random", "pickle", "torch_pickle"):
-        proc = cli("eval_imagenet.py", train_args(data, tmp_path / "e") + ["--checkpoint", str(files[kind])])
+    # The script as a process (its exit status 2 and one line; nothing unpickled) ...
+    proc = run_cli("eval_imagenet.py", train_args(data, tmp_path / "e") + ["--checkpoint", str(files["pickle"])])
+    assert_refused(proc, f"--checkpoint: checkpoint {files['pickle']} {EXPECTED['pickle']}")
+    assert "weights_only" not in proc.stderr and not marker.exists()
+    # ... and every other way in, through the same entry points in this process
+    for kind in ("random", "torch_pickle"):
+        proc = run_main("eval_imagenet.py", train_args(data, tmp_path / "e") + ["--checkpoint", str(files[kind])],
+                        capsys)
         assert_refused(proc, f"--checkpoint: checkpoint {files[kind]} {EXPECTED[kind]}")
         assert "weights_only" not in proc.stderr
     out = tmp_path / "resume"
-    proc = cli("train_imagenet.py", train_args(data, out) + ["--resume", str(files["pickle"])])
+    proc = run_main("train_imagenet.py", train_args(data, out) + ["--resume", str(files["pickle"])], capsys)
     assert_refused(proc, f"checkpoint {files['pickle']} contains non-tensor Python objects")
-    proc = cli("train_imagenet.py", train_args(data, out, **{"model.init_checkpoint": str(files["random"])}))
+    proc = run_main("train_imagenet.py", train_args(data, out, **{"model.init_checkpoint": str(files["random"])}),
+                    capsys)
     assert_refused(proc, "model.init_checkpoint", "is not a PyTorch checkpoint")
     assert not marker.exists()
 
@@ -386,10 +345,10 @@ def test_checkpoint_garbage_through_the_entry_points(data, finished, tmp_path):
 # ------------------------------------------------------------------------------------------------- kill -9
 
 @pytest.mark.slow
-def test_several_kill_9_at_random_points_then_resume_is_bitwise_equal(data, tmp_path):
+def test_several_kill_9_at_random_points_then_resume_is_bitwise_equal(data, tmp_path, capsys):
     ref, out = tmp_path / "ref", tmp_path / "run"
     settings = {"train.epochs": 8, "train.checkpoint_every_steps": 1, "train.log_every_steps": 1}
-    assert cli("train_imagenet.py", train_args(data, ref, **settings)).returncode == 0
+    assert run_main("train_imagenet.py", train_args(data, ref, **settings), capsys).returncode == 0
     rng = random.Random(1234)
     kills, took_over = 0, False
     for attempt in range(8):
@@ -411,7 +370,7 @@ def test_several_kill_9_at_random_points_then_resume_is_bitwise_equal(data, tmp_
         kills += proc.returncode == -signal.SIGKILL and not (out / "summary.json").exists()
     assert kills == 3
     assert took_over  # the holder file of a killed trainer did not block its successor
-    proc = cli("train_imagenet.py", train_args(data, out, **settings))
+    proc = run_main("train_imagenet.py", train_args(data, out, **settings), capsys)
     assert proc.returncode == 0, proc.stderr
     assert_bitwise_equal(weights(out), weights(ref))
     assert json.loads((out / "summary.json").read_text())["final_top1"] == \
@@ -428,7 +387,7 @@ def test_ddp_user_error_on_one_rank_ends_every_rank_with_one_line(data, tmp_path
     (bad / "train/class0/000.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")  # read in the first batches
     out = tmp_path / "run"
     t0 = time.time()
-    proc = torchrun(2, train_args(bad, out, **{"train.batch_size": 3, "train.epochs": 1}))
+    proc = torchrun(2, "train_imagenet.py", train_args(bad, out, **{"train.batch_size": 3, "train.epochs": 1}))
     assert time.time() - t0 < 120  # no hang
     assert proc.returncode != 0
     errors = error_lines(proc.stderr)

@@ -1,15 +1,13 @@
-"""Exact distributed evaluation (world sizes 1, 2, 3 on a prime-size val set), a 2-process gloo training
-run under torchrun, and eval_imagenet.py on foreign checkpoint layouts."""
+"""Exact distributed evaluation (world sizes 1, 2, 3 on a prime-size val set) and eval_imagenet.py on foreign
+checkpoint layouts. (Training under torchrun: test_trainer.py.)"""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import BASE_CONFIG, ROOT, subprocess_env, tiny_overrides, write_tiny_imagefolder
+from conftest import BASE_CONFIG, run_main, tiny_overrides, torchrun, write_tiny_imagefolder
 from engine.config import load_config
 from engine.trainer import fit
 
@@ -25,23 +23,16 @@ def trained(tmp_path_factory):
     return data, out
 
 
-def torchrun(nproc: int, script: str, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / script)] + args
-    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.slow
-def test_exact_eval_is_identical_for_world_sizes_1_2_3(trained, tmp_path):
+def test_exact_eval_is_identical_for_world_sizes_1_2_3(trained, tmp_path, capsys):
     data, out = trained
     results = {}
     for world in (1, 2, 3):
         args = ["--config", str(BASE_CONFIG), "--checkpoint", str(out / "checkpoints/last.pth"),
                 "--output", str(tmp_path / f"eval{world}.json")]
         args += tiny_overrides(data, out, **{"data.val_batch_size": 2})
-        if world == 1:
-            proc = subprocess.run([sys.executable, str(ROOT / "eval_imagenet.py")] + args, cwd=ROOT,
-                                  env=subprocess_env(), capture_output=True, text=True, timeout=120)
+        if world == 1:  # the entry point in this process: one process, no torchrun
+            proc = run_main("eval_imagenet.py", args, capsys)
         else:
             proc = torchrun(world, "eval_imagenet.py", args)
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -59,22 +50,6 @@ def test_exact_eval_is_identical_for_world_sizes_1_2_3(trained, tmp_path):
     # and the same numbers as the trainer's own final evaluation
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_top1"] == results[1]["top1"] and summary["val_count"] == VAL
-
-
-@pytest.mark.slow
-def test_torchrun_two_process_gloo_training(trained, tmp_path):
-    data, _ = trained
-    out = tmp_path / "ddp"
-    proc = torchrun(2, "train_imagenet.py", ["--config", str(BASE_CONFIG)] + tiny_overrides(
-        data, out, **{"train.epochs": 1, "train.batch_size": 3, "train.checkpoint_every_steps": 2}))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("start training") == 1  # rank-0-only logging
-    assert "global batch 6 / 256" in proc.stdout      # effective lr printed for the global batch
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["val_count"] == VAL and summary["epochs"] == 1
-    ck = torch.load(out / "checkpoints/last.pth", weights_only=True)
-    assert ck["global_step"] == 24 // 2 // 3 and len(ck["rng"]) == 2  # per-rank RNG states
-    assert not any(k.startswith("module.") for k in ck["model"])      # unwrapped keys
 
 
 def test_eval_accepts_foreign_layouts_and_rejects_wrong_model(trained, tmp_path, capsys):

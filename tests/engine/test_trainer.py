@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from conftest import BASE_CONFIG, ROOT, subprocess_env, tiny_overrides, write_tiny_imagefolder
+from conftest import (BASE_CONFIG, ROOT, TINY_RUN, run_main, subprocess_env, tiny_overrides, torchrun,
+                      write_tiny_imagefolder)
 from engine.config import load_config
 from engine.schedule import WarmupCosineSchedule, scaled_lr
 from engine.errors import SimulatedKill
@@ -34,26 +35,24 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
 
 
-RESUME = {"train.checkpoint_every_steps": 2}  # 24 images / batch 4 = 6 steps per epoch, 2 epochs
+RESUME = TINY_RUN  # 24 images / batch 4 = 6 steps per epoch, 2 epochs, a checkpoint every 2 steps
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_tiny_imagefolder(tmp_path_factory.mktemp("data"))
+@pytest.fixture
+def data(tiny_data):
+    return tiny_data
 
 
-@pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref")
-    summary = run(data, out, **RESUME, **{"train.tensorboard": "true"})
-    return out, summary
+@pytest.fixture
+def reference(tiny_run):
+    """The shared finished run (conftest.tiny_run, trained with fit and RESUME): (run dir, fit's summary)."""
+    return tiny_run.dir, tiny_run.summary
 
 
 def test_run_directory_layout(reference):
     out, summary = reference
     assert (out / "config.yaml").is_file() and (out / "checkpoints/last.pth").is_file()
     assert (out / "checkpoints/best.pth").is_file() and (out / "checkpoints/last.prev.pth").is_file()
-    assert list((out / "tb").glob("events.out.tfevents.*"))
     assert load_config(out / "config.yaml").train.checkpoint_every_steps == 2  # resolved config, reloadable
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -103,9 +102,10 @@ def test_sigterm_checkpoints_and_resume_is_bitwise_identical(data, reference, tm
 def test_resume_with_more_epochs_follows_the_new_schedule(data, tmp_path):
     """Extending train.epochs of a finished run trains on with the new cosine, not at the old schedule's 0."""
     from engine.schedule import lr_at
-    run(data, tmp_path, **{"train.epochs": 1, "train.warmup_epochs": 0})
+    run(data, tmp_path, **{"train.epochs": 1, "train.warmup_epochs": 0, "train.tensorboard": "true"})
     before = final_state(tmp_path)
-    run(data, tmp_path, **{"train.epochs": 3, "train.warmup_epochs": 0})
+    run(data, tmp_path, **{"train.epochs": 3, "train.warmup_epochs": 0, "train.tensorboard": "true"})
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 2  # TensorBoard events, one file a session
     rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     peak = 0.1 * 4 / 256
@@ -233,11 +233,10 @@ def test_progress_draws_a_bar_only_on_a_terminal():
     assert quiet.getvalue() == ""  # at most one line per interval
 
 
-@pytest.mark.slow
-def test_redirected_log_holds_no_progress_bar_frames(data, tmp_path):
-    cmd = [sys.executable, str(ROOT / "train_imagenet.py"), "--config", str(BASE_CONFIG)] + tiny_overrides(
-        data, tmp_path, **{"train.epochs": 1, "train.progress": "true"})
-    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+def test_redirected_log_holds_no_progress_bar_frames(data, tmp_path, capsys):
+    """Output that is not a terminal (here captured; a log file or pipe alike) gets lines, not bar frames."""
+    proc = run_main("train_imagenet.py", ["--config", str(BASE_CONFIG)] + tiny_overrides(
+        data, tmp_path, **{"train.epochs": 1, "train.progress": "true"}), capsys)
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stdout + proc.stderr and "it/s" not in proc.stderr
     assert "epoch 1/1: train loss" in proc.stdout
@@ -245,19 +244,22 @@ def test_redirected_log_holds_no_progress_bar_frames(data, tmp_path):
 
 @pytest.mark.slow
 def test_fcanet_two_process_gloo_training(data, tmp_path):
-    """FcaNet under DDP: the fixed DCT filters (buffers) stay the model's, and the run trains and evaluates."""
-    from test_eval import torchrun
-
+    """Training under torchrun (2 processes, gloo): rank-0-only logging, the global batch's lr, per-rank RNG
+    states and unwrapped keys in the checkpoint; with FcaNet, whose fixed DCT filters (buffers) stay the
+    model's while the attention trains."""
     from engine.builders import build_model
     out = tmp_path / "ddp"
     ov = {"model.name": "fcanet18", "train.epochs": 1, "train.batch_size": 3, "train.checkpoint_every_steps": 2}
     proc = torchrun(2, "train_imagenet.py", ["--config", str(BASE_CONFIG)] + tiny_overrides(data, out, **ov))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("start training") == 1  # rank-0-only logging
+    assert "global batch 6 / 256" in proc.stdout      # effective lr printed for the global batch
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["model"] == "fcanet18" and summary["val_count"] == 12
-    assert summary["global_batch"] == 6 and 0.0 <= summary["final_top1"] <= 100.0
+    assert summary["global_batch"] == 6 and summary["epochs"] == 1 and 0.0 <= summary["final_top1"] <= 100.0
     ck = final_state(out)
-    assert ck["global_step"] == 24 // 2 // 3 and len(ck["rng"]) == 2
+    assert ck["global_step"] == 24 // 2 // 3 and len(ck["rng"]) == 2  # per-rank RNG states
+    assert not any(k.startswith("module.") for k in ck["model"])      # unwrapped keys
     fresh = build_model(load_config(BASE_CONFIG, tiny_overrides(data, out, **ov))).state_dict()
     dct = [k for k in ck["model"] if k.endswith("dct_layer.weight")]
     assert dct and all(torch.equal(ck["model"][k], fresh[k]) for k in dct)

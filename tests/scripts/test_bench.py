@@ -1,12 +1,14 @@
 """Smoke runs of ``python -m scripts.bench`` at tiny sizes (``--quick``): each sub-command runs end to end,
 prints ratios and writes a Markdown report with the machine description and the exact command. The figures
-themselves are not checked (except where two formulations must compute the same numbers)."""
+themselves are not checked (except where two formulations must compute the same numbers). ``gpu`` runs as
+``python -m scripts.bench`` in a process of its own; the others call its ``main`` in this process."""
 from __future__ import annotations
 
 import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,20 @@ def _run(*args: str, expect: int = 0, timeout: int = 300) -> subprocess.Complete
     return proc
 
 
+def _main(*args: str) -> None:
+    """``scripts.bench.main(ARGS)`` in this process, which must return 0: warnings ignored (as ENV does for
+    the subprocess) and the thread count it sets put back."""
+    from scripts.bench import main
+
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert main(list(args)) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _report(path: Path, *needles: str) -> str:
     text = path.read_text()
     assert text.startswith("# ") and "CPU:" in text and "torch " in text and "| " in text
@@ -35,7 +51,7 @@ def _report(path: Path, *needles: str) -> str:
 @pytest.mark.slow
 def test_bench_data_quick(tmp_path):
     out = tmp_path / "data.md"
-    _run("data", "--quick", "--out", str(out))
+    _main("data", "--quick", "--out", str(out))
     text = _report(out, "fast (ours)", "reference", "DataLoader")
     assert re.search(r"\*\*\d+\.\d\dx\*\*", text)  # a measured ratio
 
@@ -43,21 +59,21 @@ def test_bench_data_quick(tmp_path):
 @pytest.mark.slow
 def test_bench_train_quick(tmp_path):
     out = tmp_path / "train.md"
-    _run("train", "--quick", "--threads", "1", "--models", "resnet18,senet18,fcanet18", "--out", str(out))
+    _main("train", "--quick", "--threads", "1", "--models", "resnet18,senet18,fcanet18", "--out", str(out))
     _report(out, "resnet18", "senet18", "fcanet18", "vs resnet18")
 
 
 @pytest.mark.slow
 def test_bench_trainer_quick(tmp_path):
     out = tmp_path / "trainer.md"
-    _run("trainer", "--quick", "--threads", "1", "--out", str(out))
+    _main("trainer", "--quick", "--threads", "1", "--out", str(out))
     _report(out, "ours (fast pipeline)", "reference recipe")
 
 
 @pytest.mark.slow
 def test_bench_attention_quick(tmp_path):
     out = tmp_path / "attention.md"
-    _run("attention", "--quick", "--threads", "1", "--out", str(out))
+    _main("attention", "--quick", "--threads", "1", "--out", str(out))
     text = _report(out, "Fig. 3 sum(x * weight)", "DCTPooling (ours)", "FCA (ours)", "FcaNet-50 / SENet-50")
     # our pooling computes the same numbers as the Fig. 3 formulation
     diffs = re.findall(r"max abs diff ours vs Fig. 3: ([0-9.e+-]+)", text)
