@@ -206,7 +206,10 @@ def copy_run(run_dir: Path, dst: Path) -> Path:
 # Test files that take longest (seconds of CPU each, measured on 2 cores), started first so that no long file is
 # left to run alone at the end; the others follow in collection order. Patterns are matched against the path
 # relative to tests/.
-LONGEST_FIRST = ()
+LONGEST_FIRST = ("e2e/test_slurm_*.py", "detection/test_coco_train.py", "ablation/test_ablation_mini.py",
+                 "engine/test_compile.py", "e2e/test_faults_train.py", "ablation/test_ablation_run.py",
+                 "e2e/test_faults_round2.py", "e2e/test_no_hang.py", "models/test_models.py",
+                 "scripts/test_bench.py", "detection/test_coco_eval.py", "e2e/test_trainer_demo.py")
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
