@@ -121,24 +121,10 @@ class DCTPooling(nn.Module):
     The C channels are split into k equal consecutive groups; group i uses frequency ``freqs[i]``.
     ``weight`` (C, dct_h, dct_w) holds the per-channel filters exactly as in the authors' checkpoints.
 
-    Three formulations of the same numbers, picked per call:
-
-    * **CPU, eager, fixed DCT bases** (``_GroupDCTProject``): a matrix product that reads x once instead of
-      the paper's Fig. 3 ``sum(x * weight)``, which materialises an N x C x H x W temporary:
-
-      - contiguous NCHW: x viewed as (N, k, C/k, HW) times the k basis vectors (k, HW, 1);
-      - channels_last: x viewed as (N, HW, C); all k bases are applied to every channel with one
-        batched GEMM (N, k, HW) @ (N, HW, C) and each channel keeps its own group's row (the block
-        diagonal). k <= 49, so the extra work is tiny and no copy of x is made.
-
-      Learnable or randomly initialised filters no longer share a basis within a group; on CPU they use a
-      per-channel batched dot product instead.
-    * **CUDA, eager**: Fig. 3's ``sum(x * weight, (2, 3))`` in the input dtype. The GEMV/GEMM shapes above
-      are skinny (an output of k or C/k columns) and ran at 0.46-0.90x the speed of Fig. 3 on an H200 in
-      bf16; the elementwise product + reduction are bandwidth-bound kernels that read x once from HBM.
-    * **under torch.compile** (any device): the same plain Fig. 3 expression, which the compiler fuses into
-      one reduction over x (no temporary) and, in backward, into ``grad_y * weight``. The custom autograd
-      function is kept out of traced graphs.
+    Three formulations of the same numbers, picked per call (why: docs/design.md, "DCT pooling"): on CPU in
+    eager mode with fixed bases, a matrix product that reads x once (:class:`_GroupDCTProject`); on CUDA in
+    eager mode, Fig. 3's ``sum(x * weight, (2, 3))``; under ``torch.compile``, the same Fig. 3 expression,
+    which the compiler fuses into one reduction over x.
 
     Args:
         channels: number of channels C (must be divisible by ``len(freqs)``).

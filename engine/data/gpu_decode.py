@@ -1,42 +1,15 @@
 """``data.pipeline: gpu``: JPEG decode with nvjpeg on whole batches, crop + resize + flip + normalize on the GPU.
 
-Where each step runs:
-
-* **DataLoader workers (CPU)** (:func:`gpu_loader`, :class:`GpuTransform`): read the file's bytes and parse
-  its JPEG header (:func:`parse_jpeg_header`: the SOF marker gives size, precision, component count and
-  coding process; APP14 "Adobe" the colour transform), no pixel is decoded. The crop box and flip are
-  drawn by the ``fast`` pipeline's own ``plan`` (same function, same RNG draws under the per-sample seed),
-  so for a given (seed, epoch, index) the boxes equal the CPU pipelines' and resume stays exact. A sample
-  is a :class:`PendingJpeg` (bytes + box + flip).
-* **Fallback, per file**: what nvjpeg is not used for (:func:`nvjpeg_refusal`: not a JPEG, e.g. PNG;
-  grayscale; CMYK/YCCK; progressive, arithmetic, lossless or 12-bit JPEGs; RGB-coded JPEGs; a missing
-  end-of-image marker) is decoded right there by the ``fast`` pipeline (:func:`decode_resized_crop`) into
-  a :class:`CpuDecoded` uint8 (3, S, S), with the reason. Never dropped; counted.
-* **Collate** (:func:`collate_samples`): an :class:`EncodedBatch` of byte tensors, boxes and flips, plus
-  the stacked CPU-decoded images.
-* **Training process, decode thread** (:func:`decode_batch`, run by :class:`engine.data.loader.DevicePrefetcher`
-  on a dedicated thread with its own CUDA stream, so the training step is enqueued while the next batch
-  decodes): one batched ``torchvision.io.decode_jpeg(list, device="cuda")`` call (nvjpeg; the hardware
-  decoder where the GPU has one), then the integer crop (:func:`engine.data.transforms.pixel_box`, as on the
-  CPU) and antialiased bilinear resize of the whole batch at once (:func:`resize_crops`: the separable
-  filter as two batched matrix products, about one kernel launch per image instead of five or six), rounded
-  to the 8-bit grid as the ``fast`` pipeline's uint8 resize is, the flips, and the normalization.
-
-Failures (:func:`nvjpeg_decode`) are never a silent slow path:
-
-* a failure of the device (CUDA out of memory, a CUDA error, nvjpeg status 1, 5, 6, 7 or 8, "Failed to
-  synchronize CUDA stream") stops the run: a :class:`GpuDecodeError` (one line), or CUDA's own error when
-  the synchronisation that follows every failed batched call finds the context broken;
-* a file nvjpeg rejects is found by halving the batch (about ``2 log2(N)`` calls for one bad file, not N)
-  and decoded on the CPU (counted as ``nvjpeg_error``); if more than half of a batch (and at least
-  :data:`STOP_MIN_FILES` files) is rejected, the run stops with one line;
-* a file no decoder can read is a :class:`CorruptImageError`, or dropped with its label under
-  ``data.skip_corrupt``.
-
-Fallbacks are counted per process by reason (:func:`fallback_counts`, read and reset by the training loop at
-each epoch end for its ``cpu_decoded`` metric); the first file of each reason is named once on stderr, and a
-warning is printed once per epoch when more than :data:`WARN_FALLBACK_RATE` of the epoch's images so far
-were decoded on the CPU.
+DataLoader workers (:func:`gpu_loader`, :class:`GpuTransform`) read a file's bytes, parse its JPEG header
+(:func:`parse_jpeg_header`) and draw the crop box and flip with the ``fast`` pipeline's own ``plan`` (same RNG
+draws, so resume stays exact): a :class:`PendingJpeg`. Files nvjpeg is not used for (:func:`nvjpeg_refusal`)
+are decoded there on the CPU into a :class:`CpuDecoded` (counted, never dropped). :func:`collate_samples` makes
+an :class:`EncodedBatch`. In the training process, a decode thread (:class:`engine.data.loader.DevicePrefetcher`)
+runs :func:`decode_batch`: one batched nvjpeg call, the integer crop, the batched antialiased resize
+(:func:`resize_crops`), flips and normalization. Failures (:func:`nvjpeg_decode`) are never a silent slow path:
+a device failure stops the run with one line (:class:`GpuDecodeError`), a file nvjpeg rejects is found by
+halving the batch and decoded on the CPU, and most of a batch rejected stops the run. The user-facing account,
+with the metrics, is in docs/data.md ("Input pipelines").
 """
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Detection tests (a package, so that its conftest does not shadow tests/conftest.py as module `conftest`)."""
