@@ -17,6 +17,7 @@ import difflib
 import functools
 import math
 import re
+import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -206,9 +207,13 @@ def _unknown(key: str, candidates: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
+# ``Optional[X]`` / ``Union[X, Y]`` have origin ``typing.Union``; PEP 604 ``X | None`` has ``types.UnionType``.
+_UNION_ORIGINS = (Union, types.UnionType)
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
-    if origin is Union:
+    if origin in _UNION_ORIGINS:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
     if origin in (list, List):
         return "list"
@@ -219,44 +224,49 @@ def _type_name(tp: Any) -> str:
 
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
+# Plain annotations whose values pass through unchanged: the test a value must meet (bools are not ints here).
+_SCALAR_CHECKS: dict[Any, Any] = {
+    type(None): lambda v: v is None,
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+}
+
+
+def _is_float_like(value: Any) -> bool:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True
+    # PyYAML reads "1e-4" (no dot) as a string; accept numeric strings for float keys.
+    return isinstance(value, str) and _FLOAT_RE.match(value.strip()) is not None
+
+
+def _coerce_union(key: str, value: Any, tp: Any) -> Any:
+    """The first member of the union ``tp`` that accepts ``value``, in declaration order."""
+    for arg in typing.get_args(tp):
+        try:
+            return _coerce(key, value, arg)
+        except ConfigError:
+            continue
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints/float-strings widened to float)."""
     origin = typing.get_origin(tp)
-    if origin is Union:
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError:
-                continue
-        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
-    if tp is type(None):
-        if value is None:
-            return None
-    elif tp is Any:
+    if origin in _UNION_ORIGINS:
+        return _coerce_union(key, value, tp)
+    if tp is Any:
         return value
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # PyYAML reads "1e-4" (no dot) as a string; accept numeric strings for float keys.
-        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif origin in (list, List):
-        if isinstance(value, (list, tuple)):
-            (inner,) = typing.get_args(tp) or (Any,)
-            return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
-    elif origin in (dict, Dict):
-        if isinstance(value, dict):
-            return dict(value)
+    if tp is float and _is_float_like(value):
+        return float(value)
+    check = _SCALAR_CHECKS.get(tp)
+    if check is not None and check(value):
+        return value
+    if origin in (list, List) and isinstance(value, (list, tuple)):
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin in (dict, Dict) and isinstance(value, dict):
+        return dict(value)
     raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
 
 
