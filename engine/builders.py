@@ -7,7 +7,8 @@ from __future__ import annotations
 import inspect
 import random
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -12,7 +12,7 @@ import re
 import signal
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 EXIT_ERROR = 2       # bad input (config, data, checkpoint), a full disk, or a stopped run (non-finite loss)
 EXIT_KILLED = 137    # debug.kill_after_steps (what a SIGKILL-ed process reports)

@@ -6,7 +6,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -102,7 +102,7 @@ def _failure_key() -> str:
             f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
 
 
-def _job_store(timeout_s: float) -> "dist.TCPStore | None":
+def _job_store(timeout_s: float) -> dist.TCPStore | None:
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not addr or not port:
         return None
@@ -163,7 +163,7 @@ class FailureWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fcanet-failure-watch", daemon=True)
 
-    def start(self) -> "FailureWatch":
+    def start(self) -> FailureWatch:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("MASTER_ADDR"):
             self._thread.start()
         return self

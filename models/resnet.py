@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence, Union
+from typing import Literal
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -47,9 +48,9 @@ class AttentionConfig:
     freq: FrequencySpec = "top16"
     dct_weights: str = "fixed"
     dct_init: str = "dct"
-    eca_kernel: Union[Sequence[int], None] = None
+    eca_kernel: Sequence[int] | None = None
     input_size: int = 224
-    grid: Optional[int] = None
+    grid: int | None = None
     mlp_bias: bool = False
     gsop_dim: int = 128
     frequencies: tuple = field(init=False, default=())

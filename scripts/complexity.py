@@ -33,7 +33,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -175,7 +175,7 @@ def paper_rows() -> list[dict]:
     return rows
 
 
-def model_name(row: dict) -> Optional[str]:
+def model_name(row: dict) -> str | None:
     family = FAMILIES[row["method"]]
     return None if family is None else f"{family}{row['backbone'].split('-')[1]}"
 

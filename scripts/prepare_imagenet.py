@@ -45,7 +45,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 TRAIN_IMAGES, VAL_IMAGES, CLASSES = 1_281_167, 50_000, 1_000
 VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})\.JPEG$")

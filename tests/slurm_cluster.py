@@ -52,7 +52,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import pytest
 
@@ -68,7 +68,7 @@ class SlurmError(RuntimeError):
     """A Slurm command failed, or the cluster did not come up / a job did not finish in time."""
 
 
-def missing_requirements() -> Optional[str]:
+def missing_requirements() -> str | None:
     """Why a cluster cannot be started here (one line), or None."""
     missing = [tool for tool in REQUIRED if shutil.which(tool, path=_sbin_path()) is None]
     if missing:
@@ -144,14 +144,14 @@ class SlurmCluster:
     node: str
     cpus: int = field(default_factory=nproc)  # the debug node's CPUs
     multi_nodes: list[str] = field(default_factory=list)
-    multi_reason: Optional[str] = None  # why there is no 'multi' partition
+    multi_reason: str | None = None  # why there is no 'multi' partition
     daemons: list[_Daemon] = field(default_factory=list)
 
     free_port = staticmethod(free_port)
 
     # -- commands --------------------------------------------------------------------------------
     def run(self, args: Sequence[str], check: bool = True, timeout: float = 60.0, cwd=None,
-            env: Optional[dict] = None) -> subprocess.CompletedProcess:
+            env: dict | None = None) -> subprocess.CompletedProcess:
         """Run a Slurm client command (``["scontrol", ...]``) against this cluster."""
         full_env = {**self.env, **(env or {}), "SLURM_CONF": self.env["SLURM_CONF"]}
         proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, cwd=cwd, env=full_env)
@@ -160,7 +160,7 @@ class SlurmCluster:
             raise SlurmError(f"{shlex.join(args)}: exit {proc.returncode}: {message}")
         return proc
 
-    def sbatch(self, args: Sequence[str], cwd=None, env: Optional[dict] = None) -> str:
+    def sbatch(self, args: Sequence[str], cwd=None, env: dict | None = None) -> str:
         """``sbatch --parsable ARGS``; returns the job id."""
         out = self.run(["sbatch", "--parsable", *args], cwd=cwd, env=env).stdout.strip()
         return out.split(";")[0]

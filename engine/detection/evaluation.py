@@ -16,7 +16,7 @@ import copy
 import io
 import time
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,7 +81,7 @@ def coco_evaluate(gt_dataset: dict, results: list[dict], iou_type: str, image_id
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, cat_ids: list[int], amp: str = "off",
-            desc: Optional[str] = None) -> list[tuple[int, list[dict]]]:
+            desc: str | None = None) -> list[tuple[int, list[dict]]]:
     """This rank's ``(dataset index, COCO results)`` for every image of ``loader``."""
     was_training = model.training
     model.eval()

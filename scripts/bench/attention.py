@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

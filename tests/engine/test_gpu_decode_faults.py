@@ -50,7 +50,7 @@ class FakeNvjpeg:
         return [decode_jpeg(d, mode=ImageReadMode.RGB) for d in data]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _file_pool(n: int, seed: int = 0) -> tuple:
     return tuple(_make_files(n, seed))
 
