@@ -131,8 +131,8 @@ def blocked_test(matrix: np.ndarray) -> dict[str, float | None]:
     None where undefined (fewer than 2 seeds, or no residual variation)."""
     k, n = matrix.shape
     out: dict[str, float | None] = {"points": k, "seeds": n, "f": None, "df1": k - 1, "df2": (k - 1) * (n - 1),
-                                       "p": None, "seed_f": None, "seed_p": None, "friedman": None,
-                                       "friedman_p": None}
+                                    "p": None, "seed_f": None, "seed_p": None, "friedman": None,
+                                    "friedman_p": None}
     if k < 2 or n < 2:
         return out
     from scipy.stats import f as fdist, friedmanchisquare

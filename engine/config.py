@@ -83,7 +83,7 @@ class TrainConfig:
     progress: bool = _f(True, help="progress bar on rank 0 (a line every few seconds when not a terminal)")
     # Tiny CPU models run faster on 1 thread, and far faster when the cores are shared.
     cpu_threads: int | None = _f(None, min=1, help="torch intra-op threads on CPU (null: torch's default, or "
-                                                      "OMP_NUM_THREADS as torchrun sets it)")
+                                                   "OMP_NUM_THREADS as torchrun sets it)")
     tensorboard: bool = _f(True, help="write TensorBoard events to <output_dir>/tb")
 
 
@@ -109,8 +109,8 @@ class DataConfig:
     val_batch_size: int | None = _f(None, min=1, help="null: same as train.batch_size")
     skip_corrupt: bool = _f(False, help="skip and count unreadable images instead of failing")
     prepare: str | None = _f(None, choices=("digits",),
-                                help="first write a built-in data set under data.root (once): digits = "
-                                     "scikit-learn's 8x8 digits, the CPU demo")
+                             help="first write a built-in data set under data.root (once): digits = "
+                                  "scikit-learn's 8x8 digits, the CPU demo")
     synthetic_train_size: int = _f(12800, min=1, help="images per epoch of data.source=synthetic")
     synthetic_val_size: int = _f(1000, min=1, help="validation images of data.source=synthetic")
 
@@ -118,9 +118,9 @@ class DataConfig:
 @dataclass
 class DebugConfig:
     kill_after_steps: int | None = _f(None, min=1, help="simulate a hard kill (no checkpoint, exit status 137) "
-                                                           "right after this global step")
+                                                        "right after this global step")
     signal_after_steps: int | None = _f(None, min=1, help="send SIGTERM to this process right after this global "
-                                                             "step (exercises the preemption path)")
+                                                          "step (exercises the preemption path)")
 
 
 @dataclass
