@@ -302,7 +302,7 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
         levels = self.mapper(boxes)
         out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1]) + self.output_size)
-        for level, (feat, scale) in enumerate(zip(feats, self.level_scales)):
+        for level, (feat, scale) in enumerate(zip(feats, self.level_scales, strict=True)):
             idx = torch.where(levels == level)[0]
             pooled = roi_align(feat, rois[idx], self.output_size, spatial_scale=scale,
                                sampling_ratio=self.sampling_ratio, aligned=True)
@@ -370,7 +370,7 @@ class DetectionRoIHeads(RoIHeads):
         batch = self.fg_bg_sampler.batch_size_per_image
         max_pos = int(batch * self.fg_bg_sampler.positive_fraction)
         chosen = []
-        for loss, lab in zip(losses, labels):
+        for loss, lab in zip(losses, labels, strict=True):
             pos, neg = torch.where(lab >= 1)[0], torch.where(lab == 0)[0]
             pos = pos[loss[pos].argsort(descending=True, stable=True)[:max_pos]]
             neg = neg[loss[neg].argsort(descending=True, stable=True)[:batch - len(pos)]]
@@ -416,7 +416,7 @@ class DetectionRoIHeads(RoIHeads):
         }
         if self.has_mask():
             mask_proposals, pos_matched = [], []
-            for props, lab, idx in zip(proposals, labels, matched_idxs):
+            for props, lab, idx in zip(proposals, labels, matched_idxs, strict=True):
                 keep = torch.where(lab > 0)[0]
                 mask_proposals.append(props[keep])
                 pos_matched.append(idx[keep])
@@ -528,7 +528,7 @@ class Detector(GeneralizedRCNN):
             return super().forward(images, targets)
         out: list[Any] = [None] * len(images)
         for idx in groups.values():
-            for i, det in zip(idx, super().forward([images[i] for i in idx])):
+            for i, det in zip(idx, super().forward([images[i] for i in idx]), strict=True):
                 out[i] = det
         return out
 

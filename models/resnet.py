@@ -231,7 +231,7 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         inplanes = widths[0]
-        for stage, (planes, blocks, stride) in enumerate(zip(widths, layers, strides)):
+        for stage, (planes, blocks, stride) in enumerate(zip(widths, layers, strides, strict=True)):
             stage_blocks = []
             for i in range(blocks):
                 downsample = None

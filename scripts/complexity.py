@@ -265,7 +265,8 @@ def summary(rows: list[dict], measured: dict[str, Measure]) -> str:
     verdicts = []
     for label, get in (("GMACs", lambda m: m.macs), ("layers", lambda m: m.layers), ("all ops", lambda m: m.all_ops)):
         diffs = [(model_name(r), get(m) - float(r["flops_G"])) for r, m in built]
-        off = [(n, d) for (r, m), (n, d) in zip(built, diffs) if f"{get(m):.2f}" != f"{float(r['flops_G']):.2f}"]
+        off = [(n, d) for (r, m), (n, d) in zip(built, diffs, strict=True)
+               if f"{get(m):.2f}" != f"{float(r['flops_G']):.2f}"]
         lo, hi = min(d for _, d in diffs), max(d for _, d in diffs)
         if not off:
             verdicts.append(f"**{label}: every measured row equals the paper's figure at its printed precision** "

@@ -158,7 +158,7 @@ def run(args) -> None:
             for workers in worker_counts:
                 for kind in ("train", "val"):
                     ref, fast = res[(workers, kind, "torchvision")], res[(workers, kind, "fast")]
-                    ratio = statistics.median(a[0] / b[0] for a, b in zip(fast, ref))
+                    ratio = statistics.median(a[0] / b[0] for a, b in zip(fast, ref, strict=True))
                     ref_cpu = statistics.median(x[1] for x in ref)
                     fast_cpu = statistics.median(x[1] for x in fast)
                     rows.append([kind, f"{w}x{h}", workers, f"{statistics.median(x[0] for x in ref):.0f}",

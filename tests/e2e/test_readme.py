@@ -360,7 +360,7 @@ def results_rows() -> dict[str, dict[str, str]]:
     rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in text.splitlines() if ln.startswith("|")]
     header, body = rows[0], rows[2:]
     assert header == ["what", "result", "machine", "source"]
-    return {r[0]: dict(zip(header, r)) for r in body}
+    return {r[0]: dict(zip(header, r, strict=True)) for r in body}
 
 
 def test_readme_results_machines_are_those_of_the_reports():

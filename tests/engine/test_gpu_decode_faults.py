@@ -278,16 +278,16 @@ def test_the_decode_thread_keeps_order_and_is_deterministic(tmp_path):
     for decode in (slow, FakeNvjpeg()):
         got = [(x, y) for x, y, _ in DevicePrefetcher(dl, "cpu", depth=2, decode=decode)]
         assert len(got) == len(ref) == 4
-        for (x, y), (rx, ry) in zip(got, ref):
+        for (x, y), (rx, ry) in zip(got, ref, strict=True):
             assert torch.equal(x, rx) and torch.equal(y, ry)
     # worker processes, a second loader, the same seed and epoch: the same crops, in the same order
     _, _, dl2 = _loader(tmp_path / "b", workers=2)
     again = [x for x, _, _ in DevicePrefetcher(dl2, "cpu", depth=3, decode=FakeNvjpeg())]
-    assert all(torch.equal(a, r) for a, (r, _) in zip(again, ref))
+    assert all(torch.equal(a, r) for a, (r, _) in zip(again, ref, strict=True))
     # another epoch: other crops
     _, _, dl3 = _loader(tmp_path / "c", workers=0, epoch=1)
     other = [x for x, _, _ in DevicePrefetcher(dl3, "cpu", decode=FakeNvjpeg())]
-    assert not all(torch.equal(a, r) for a, (r, _) in zip(other, ref))
+    assert not all(torch.equal(a, r) for a, (r, _) in zip(other, ref, strict=True))
     assert not _gpu_threads()
 
 

@@ -257,7 +257,7 @@ def test_dataloader_workers_hand_over_encoded_batches(tmp_path):
     dl = build_dataloader(ds, batch_sampler=sampler, workers=1, device="cpu", collate_fn=collate)
     got = list(dl)
     assert len(got) == len(in_process) == 2
-    for (b, y, s), (rb, ry, rs) in zip(got, in_process):
+    for (b, y, s), (rb, ry, rs) in zip(got, in_process, strict=True):
         assert isinstance(b, gd.EncodedBatch) and torch.equal(y, ry) and s == rs == 0
         assert b.boxes == rb.boxes and b.flips == rb.flips and torch.equal(b.jpeg_data, rb.jpeg_data)
         assert torch.equal(b.to_model_input("cpu", decode=cpu_decode), rb.to_model_input("cpu", decode=cpu_decode))
@@ -333,7 +333,7 @@ def test_prefetched_nvjpeg_batches_match_the_cpu_decode_with_a_busy_default_stre
         got.append(x)  # compared at the end: reading it now would drain the default stream
     torch.cuda.synchronize(dev)
     assert len(got) == len(refs) == 20
-    for k, (x, ref) in enumerate(zip(got, refs)):
+    for k, (x, ref) in enumerate(zip(got, refs, strict=True)):
         diff = (_unnormalize(x.cpu()) - _unnormalize(ref)).abs()  # (4, 3, 64, 64)
         per_image = diff.flatten(1).mean(1)
         assert per_image.max() < 2.0 and diff.max() < 40, (k, per_image.tolist(), diff.max().item())
