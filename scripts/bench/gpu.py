@@ -142,13 +142,14 @@ def bench_steps(args, device: torch.device, budget: Budget) -> tuple[str, dict[s
             warm[label] = time.perf_counter() - t0
             print(f"  {label}: first step (compilation) {warm[label]:.1f} s")
             steps[label] = step
-        for n, step in steps.items():  # warm-up: allocator, cuDNN autotuning, compiled graphs' second call
+        for step in steps.values():  # warm-up: allocator, cuDNN autotuning, compiled graphs' second call
             for _ in range(args.warmup):
                 step(images, targets)
         sync(device)
         peak: dict[str, int] = {}
-        times = interleaved_step_times({n: (lambda f=f: f(images, targets)) for n, f in steps.items()}, device,
-                                       args.rounds, args.steps, label=f"batch {batch} round", peaks=peak)
+        # each closure binds this batch's inputs (it runs before the next batch size replaces them)
+        bound = {n: (lambda f=f, x=images, y=targets: f(x, y)) for n, f in steps.items()}
+        times = interleaved_step_times(bound, device, args.rounds, args.steps, label=f"batch {batch} round", peaks=peak)
         ips = {n: [batch / t for t in times[n]] for n in steps}
         med = {n: statistics.median(v) for n, v in ips.items()}
         for n, v in med.items():

@@ -351,7 +351,7 @@ def test_several_kill_9_at_random_points_then_resume_is_bitwise_equal(data, tmp_
     assert run_main("train_imagenet.py", train_args(data, ref, **settings), capsys).returncode == 0
     rng = random.Random(1234)
     kills, took_over = 0, False
-    for attempt in range(8):
+    for _attempt in range(8):
         if kills == 3:
             break
         proc = subprocess.Popen([sys.executable, str(ROOT / "train_imagenet.py")] + train_args(data, out, **settings),

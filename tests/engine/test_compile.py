@@ -50,11 +50,12 @@ def _compare(kind: str, block: str, channels_last: bool, backend: str, tol: floa
     pe, pc = dict(eager.named_parameters()), dict(compiled_src.named_parameters())
     assert pe.keys() == pc.keys()
     for name in pe:
-        torch.testing.assert_close(pc[name].grad, pe[name].grad, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(pc[name].grad, pe[name].grad, rtol=tol, atol=tol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
     # BN running statistics were updated identically
     for (name, be), bc in zip(eager.named_buffers(), compiled_src.buffers(), strict=True):
         if be.is_floating_point():
-            torch.testing.assert_close(bc, be, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(bc, be, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
 
     # evaluation: running-statistics BN, no autograd
     eager.eval()
@@ -128,10 +129,10 @@ def test_compile_matches_eager_inductor_fca_block():
     yc.backward(gy)
     torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-3, atol=1e-3)
     for (name, pe), pc in zip(eager.named_parameters(), compiled_src.parameters(), strict=True):
-        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-3, atol=1e-3, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-3, atol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
     for (name, be), bc in zip(eager.named_buffers(), compiled_src.buffers(), strict=True):  # BN running statistics
         if be.is_floating_point():
-            torch.testing.assert_close(bc, be, rtol=1e-3, atol=1e-3, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(bc, be, rtol=1e-3, atol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
     eager.eval()
     compiled_src.eval()
     with torch.no_grad():

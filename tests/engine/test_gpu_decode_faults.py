@@ -324,7 +324,7 @@ def test_an_error_in_the_decode_thread_reaches_the_consumer_in_order_without_han
 def test_leaving_the_loop_early_stops_the_decode_thread(tmp_path):
     _, _, dl = _loader(tmp_path, workers=0, n=30)
     fake = FakeNvjpeg(delay=0.05)
-    for x, _, _ in DevicePrefetcher(dl, "cpu", depth=2, decode=fake):
+    for _ in DevicePrefetcher(dl, "cpu", depth=2, decode=fake):
         break  # a preemption, an error in the training step
     t0 = time.monotonic()
     while _gpu_threads() and time.monotonic() - t0 < 10:

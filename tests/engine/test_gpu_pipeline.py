@@ -117,12 +117,12 @@ def test_crop_boxes_and_flips_equal_the_fast_pipeline(tmp_path, crop):
         f = loader(os.path.join(path, name))
         for seed in range(40):
             box, flip = _seeded(lambda: fast.plan(90, 120), seed)
-            s = _seeded(lambda: gpu(f), seed)
+            s = _seeded(lambda f=f: gpu(f), seed)
             if name.endswith(".jpg"):
                 assert isinstance(s, gd.PendingJpeg) and (s.box, s.flip) == (tuple(box), flip)
             else:
                 assert isinstance(s, gd.CpuDecoded) and s.reason == "not_jpeg"
-                expect = _seeded(lambda: fast(tr.encoded_loader(os.path.join(path, name))), seed)
+                expect = _seeded(lambda name=name: fast(tr.encoded_loader(os.path.join(path, name))), seed)
                 assert torch.equal(s.image, expect)
 
 
@@ -326,7 +326,7 @@ def test_prefetched_nvjpeg_batches_match_the_cpu_decode_with_a_busy_default_stre
     dl = build_dataloader(ds, batch_sampler=batches, workers=0, device=dev, collate_fn=collate)
     busy = torch.randn(4096, 4096, device=dev) / 64  # (4096, 4096): ~3 ms per matmul on the default stream
     got = []
-    for x, y, skipped in DevicePrefetcher(dl, dev):
+    for x, _, _ in DevicePrefetcher(dl, dev):
         for _ in range(8):
             busy = busy @ busy
             busy = busy / busy.norm()  # keep it finite
