@@ -1,6 +1,7 @@
 """Process-group setup for ``python`` (1 process) and ``torchrun`` (DDP) launches."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -120,10 +121,8 @@ def announce_failure(rank: int) -> None:
     store = _job_store(timeout_s=5.0)
     if store is None:
         return
-    try:
+    with contextlib.suppress(RuntimeError, ValueError, OSError):
         store.compare_set(_failure_key(), "", str(rank))
-    except (RuntimeError, ValueError, OSError):
-        pass
 
 
 def failed_rank(wait_s: float = 3.0) -> int | None:

@@ -42,6 +42,7 @@ Or by hand (a cluster for experiments, stopped with Ctrl-C)::
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -219,10 +220,8 @@ class SlurmCluster:
     def stop(self) -> None:
         """Cancel all jobs, then stop the daemons this object started (by pid; SIGKILL after 20 s)."""
         if any(d.name == "slurmctld" and d.proc.poll() is None for d in self.daemons):
-            try:
+            with contextlib.suppress(SlurmError, subprocess.SubprocessError, OSError):
                 self.cancel_all()
-            except (SlurmError, subprocess.SubprocessError, OSError):
-                pass
         for daemon in reversed(self.daemons):  # slurmd(s), then slurmctld, then munged
             if daemon.proc.poll() is None:
                 daemon.proc.send_signal(signal.SIGTERM)

@@ -217,7 +217,7 @@ def test_injected_enospc_names_path_and_errno(data, run_copy, monkeypatch, capsy
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         except OSError:
             f.write(b"PK\x03\x04partial")
-            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0") from None
 
     before = {k: v for k, v in checksums(run_copy).items() if k != "metrics.jsonl"}
     monkeypatch.setattr(torch, "save", full_disk)
