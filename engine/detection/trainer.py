@@ -259,7 +259,7 @@ class DetTrainer:
             raise NonFiniteLossError(f"non-finite training loss by global step {self.state.global_step} (epoch "
                                      f"{self.state.epoch + 1}){kept}; lower optim.base_lr or check the data")
         n = max(values[-3], 1.0)
-        means = {k: v / n for k, v in zip(self.loss_keys, values, strict=True)}
+        means = {k: v / n for k, v in zip(self.loss_keys, values[:-3], strict=True)}  # [losses..., n, bad, stop]
         means["loss"] = sum(means[k] for k in self.loss_keys)
         return means, values[-1] > 0
 
