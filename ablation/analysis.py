@@ -7,14 +7,14 @@ own design (observed paired spread, number of seeds).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 from . import stats as st
 from .records import BEST, FINAL, Record, curve, point_values
 from .studies import Plan, grid_points
 
 
-def _r(x: Optional[float], nd: int = 4) -> Optional[float]:
+def _r(x: float | None, nd: int = 4) -> float | None:
     return None if x is None else round(x, nd)
 
 
@@ -38,18 +38,18 @@ def holm_family(diffs: list[dict[str, Any]]) -> None:
         d["p_holm"] = p
 
 
-def pooled_paired_sd(diffs: list[dict[str, Any]]) -> Optional[float]:
+def pooled_paired_sd(diffs: list[dict[str, Any]]) -> float | None:
     """sd of a paired difference pooled over a family (root mean of the variances; n >= 2 only)."""
     variances = [d["std"] ** 2 for d in diffs if d.get("std") is not None]
     return math.sqrt(sum(variances) / len(variances)) if variances else None
 
 
-def power(sd: Optional[float], n: int, comparisons: int) -> dict[str, Any]:
+def power(sd: float | None, n: int, comparisons: int) -> dict[str, Any]:
     return {"paired_sd": _r(sd), "n": n, "comparisons": comparisons, "mdd": _r(st.mdd(sd, n)),
             "mdd_holm": _r(st.mdd(sd, n, comparisons))}
 
 
-def compare(rows: list[dict[str, Any]], against: dict[str, Any]) -> Optional[dict[str, Any]]:
+def compare(rows: list[dict[str, Any]], against: dict[str, Any]) -> dict[str, Any] | None:
     """Paired comparisons of every row's ``values`` (one family per name, Holm-adjusted): ``against[name](row)``
     gives the other side's ``{seed: value}`` (falsy: no comparison), and ``vs_best`` compares with the row of
     the highest mean. Adds ``is_best``, ``<name>`` (the paired result) and its columns to each row; returns
@@ -216,7 +216,7 @@ def claims(sides: dict[str, dict[str, Any]], paper: dict[str, dict[int, float]],
     return rows
 
 
-def mean_of(values: dict[int, float]) -> Optional[float]:
+def mean_of(values: dict[int, float]) -> float | None:
     return sum(values.values()) / len(values) if values else None
 
 

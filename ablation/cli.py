@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from engine.runlock import LockError
 
@@ -147,7 +147,7 @@ def runs_root(args) -> Path:
     return args.runs_dir if args.runs_dir is not None else default_runs_root(preset_name(args.preset))
 
 
-def _plan(args, study: Optional[str] = None) -> Plan:
+def _plan(args, study: str | None = None) -> Plan:
     return build_plan(study or args.study, args.preset, seeds=args.seeds, runs_root=runs_root(args),
                       freq_source=args.freq_source, base_checkpoint=args.base_checkpoint,
                       finetune_schedule=args.finetune_schedule)
@@ -228,7 +228,7 @@ def run_study(args, study: str) -> int:
     return 0
 
 
-def child_argv(argv: Sequence[str], study: str, only: Optional[list[int]]) -> list[str]:
+def child_argv(argv: Sequence[str], study: str, only: list[int] | None) -> list[str]:
     """The arguments of a ``--jobs`` runner: this command's, for one study, without --jobs / --limit."""
     drop = {"--jobs", "--limit", "--study"}
     out, skip = [], False
@@ -294,7 +294,7 @@ def cmd_collect(args) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = make_parser().parse_args(argv)
     args.argv = argv

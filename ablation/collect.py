@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from models.dct import GRID, rank_frequencies
 
@@ -136,7 +136,7 @@ def provenance_text(records: list[Record], mixed: bool) -> str:
     return render(fr, "provenance", machines=machines, commits=commits, unrecorded=unrecorded)
 
 
-def power_text(power: dict[str, Any], fragment: str, records: list[Record], span: Optional[float] = None) -> str:
+def power_text(power: dict[str, Any], fragment: str, records: list[Record], span: float | None = None) -> str:
     fr = "fragments"
     counts = sorted({int(c) for c in (r.value("val_count") for r in records) if c})
     image = render(fr, "one_image", points=f"{100 / counts[0]:.2f}", count=counts[0]) if len(counts) == 1 else ""
@@ -253,7 +253,7 @@ def bases_text(plan: Plan, res: dict[str, Any]) -> str:
     return join(intro, table)
 
 
-def grids_text(rows, size: int, paper: Optional[dict], comparable: bool, mixed: set) -> str:
+def grids_text(rows, size: int, paper: dict | None, comparable: bool, mixed: set) -> str:
     def grid(title: str, cell) -> str:
         table = md_table(["u \\ v", *map(str, range(size))],
                          [[f"**{u}**", *(cell(rows[u * size + v]) for v in range(size))] for u in range(size)])

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import io
-from typing import Any, Optional, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from . import stats as st
 
@@ -23,7 +24,7 @@ def _pyplot():
     return matplotlib, plt
 
 
-def heatmap_png(rows: Sequence[dict[str, Any]], size: int, title: str, paper: Optional[dict]) -> bytes:
+def heatmap_png(rows: Sequence[dict[str, Any]], size: int, title: str, paper: dict | None) -> bytes:
     """Left: ours (mean best-epoch top-1 per cell). Right: the paper's Fig. 4 on the same colour scale when
     ``paper`` is given (a comparable preset on the 7x7 grid); otherwise ours minus the no-attention control
     (a diverging panel; ``*`` marks Holm-adjusted paired p < 0.05)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 from engine.config import Config
 
@@ -30,7 +29,7 @@ class StageShapes:
     maps: tuple[int, ...]       # side of each stage's feature map (every stride-2 step rounds up)
 
 
-def stage_shapes(cfg: Config) -> Optional[StageShapes]:
+def stage_shapes(cfg: Config) -> StageShapes | None:
     """The 4 stages' channels and map sides, or None for a name or option this module cannot read (the
     trainer then refuses or accepts it at run time as usual)."""
     match = NAME_RE.match(cfg.model.name)
@@ -52,7 +51,7 @@ def stage_shapes(cfg: Config) -> Optional[StageShapes]:
     return StageShapes(tuple(w * expansion for w in widths), tuple(maps))
 
 
-def frequency_problem(cfg: Config, k: int, grid: int) -> Optional[tuple[str, str]]:
+def frequency_problem(cfg: Config, k: int, grid: int) -> tuple[str, str] | None:
     """Why ``k`` frequencies of the ``grid x grid`` space cannot work in this network: ``("grid", text)`` or
     ``("k", text)``; None if they can."""
     shapes = stage_shapes(cfg)

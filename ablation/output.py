@@ -5,14 +5,15 @@ import csv
 import io
 import os
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any
+from collections.abc import Mapping
 
 from engine.fileio import fsync_dir, temp_path, write_error
 
 from .errors import AblationError
 
 
-def write_files(files: Mapping[Union[str, Path], Union[str, bytes]]) -> list[Path]:
+def write_files(files: Mapping[str | Path, str | bytes]) -> list[Path]:
     """Write every file, or none: each goes to a temp file beside its target (fsync-ed) first, and only when
     all are on disk are they renamed over their targets. A failure (disk full, read-only, a folder where a
     file should be) removes the temp files, leaves every target as it was, and raises one AblationError line

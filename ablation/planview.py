@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from engine.config import diff_configs
 
@@ -42,7 +42,7 @@ def unit(preset: Preset) -> str:
     return "CPU" if preset.hardware == "cpu" else "GPU"
 
 
-def throughput_lines(preset: Preset, given: Optional[float]) -> tuple[float, list[str]]:
+def throughput_lines(preset: Preset, given: float | None) -> tuple[float, list[str]]:
     """The img/s behind the estimate and the comment lines that say what it assumes."""
     speed = preset.throughput
     if given is not None:
@@ -130,7 +130,7 @@ def shown(path) -> str:
         return str(path)
 
 
-def plan_lines(plan: Plan, given: Optional[float], file_values) -> list[str]:
+def plan_lines(plan: Plan, given: float | None, file_values) -> list[str]:
     """The whole ``plan`` output of one study."""
     preset = plan.preset
     throughput, speed = throughput_lines(preset, given)
@@ -200,7 +200,7 @@ def degenerate_notes(plan: Plan) -> list[str]:
     return notes
 
 
-def preset_lines(plans: list[Plan], given: Optional[float]) -> list[str]:
+def preset_lines(plans: list[Plan], given: float | None) -> list[str]:
     """``plan`` without --study: the whole preset's cost by study, and its power, with their assumptions."""
     preset = plans[0].preset
     throughput, speed = throughput_lines(preset, given)
@@ -225,7 +225,7 @@ def preset_lines(plans: list[Plan], given: Optional[float]) -> list[str]:
     return lines + power_lines(preset, plans[0].seeds, m, family)
 
 
-def config_file_values(config: str) -> Optional[dict]:
+def config_file_values(config: str) -> dict | None:
     """A trainer config file's own resolved values (to say what a preset changes), or None if unreadable."""
     from engine.config import ConfigError, load_config
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from engine.config import ConfigError, build_schema, load_yaml_tree, schema_field as _f
 from models.dct import GRID
@@ -45,7 +45,7 @@ class BaseRun:
     config: str = _f(MISSING, help="trainer config, relative to the repository root")
     epochs: int = _f(MISSING, min=1)
     checkpoint: str = _f("checkpoints/last.pth", help="inside the base run's directory")
-    overrides: Dict[str, Any] = _f(default_factory=dict)
+    overrides: dict[str, Any] = _f(default_factory=dict)
     # Plateau criterion: the best val top-1 of the last `plateau_window` epochs exceeds the best before them
     # by less than `plateau_tol` points (reported in the single_freq table; a base still rising is flagged).
     plateau_window: int = _f(3, min=1)
@@ -57,7 +57,7 @@ class FinetuneStudy:
     """single_freq (Fig. 4): one frequency for all channels, fine-tuned from the seed's base."""
     config: str = _f(MISSING)
     epochs: int = _f(MISSING, min=1)
-    overrides: Dict[str, Any] = _f(default_factory=dict)
+    overrides: dict[str, Any] = _f(default_factory=dict)
     control: bool = _f(True, help="per seed, continue the base without attention for the fine-tune budget")
 
 
@@ -66,8 +66,8 @@ class KStudy:
     """topk / lowk / botk (Tables 1, 5, 6): k frequencies."""
     config: str = _f(MISSING)
     epochs: int = _f(MISSING, min=1)
-    ks: List[int] = _f(MISSING)
-    overrides: Dict[str, Any] = _f(default_factory=dict)
+    ks: list[int] = _f(MISSING)
+    overrides: dict[str, Any] = _f(default_factory=dict)
     # scratch: trained from scratch as in the paper; base: fine-tuned from the seed's base with the
     # single_freq recipe (cheaper, and paired through the shared base).
     start: str = _f("scratch", choices=("scratch", "base"))
@@ -90,16 +90,16 @@ class Preset:
     power: Power
     base: BaseRun
     studies: Studies
-    name: Optional[str] = _f(None, help="default: the file name")
+    name: str | None = _f(None, help="default: the file name")
     paper_comparable: bool = _f(False, help="same network, data and recipe as the paper: show a delta column")
     hardware: str = _f("gpu", choices=("gpu", "cpu"))
-    grid: Optional[int] = _f(None, min=1, help="frequency grid S (null: the paper's 7, not passed to the model)")
+    grid: int | None = _f(None, min=1, help="frequency grid S (null: the paper's 7, not passed to the model)")
     seeds: int = _f(1, min=1, max=MAX_SEEDS, help="seeds per point (--seeds overrides)")
     launcher: str = _f("subprocess", choices=("subprocess", "fork"))
-    env: Dict[str, Any] = _f(default_factory=dict, help="environment of every run")
-    prepare: Optional[str] = _f(None, choices=("digits",), help="a built-in data set `run` writes first")
-    data_root: Optional[str] = _f(None, help="where `prepare` writes it ({runs_root} allowed)")
-    common_overrides: Dict[str, Any] = _f(default_factory=dict, help="trainer overrides of every run")
+    env: dict[str, Any] = _f(default_factory=dict, help="environment of every run")
+    prepare: str | None = _f(None, choices=("digits",), help="a built-in data set `run` writes first")
+    data_root: str | None = _f(None, help="where `prepare` writes it ({runs_root} allowed)")
+    common_overrides: dict[str, Any] = _f(default_factory=dict, help="trainer overrides of every run")
 
     # ---------------------------------------------------------------------------------------- derived
     @property

@@ -10,7 +10,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .errors import AblationError
 from .studies import Plan, Run, recorded, stale_reason
@@ -22,15 +22,15 @@ BEST, FINAL = "best_top1", "final_top1"
 @dataclass
 class Record:
     run: Run
-    summary: Optional[dict[str, Any]]   # None unless complete
-    meta: Optional[dict[str, Any]]      # the run's ablation.json
-    machine: Optional[str]              # device or CPU, torch build, threads; None if not recorded
+    summary: dict[str, Any] | None   # None unless complete
+    meta: dict[str, Any] | None      # the run's ablation.json
+    machine: str | None              # device or CPU, torch build, threads; None if not recorded
 
-    def value(self, key: str = BEST) -> Optional[float]:
+    def value(self, key: str = BEST) -> float | None:
         return number(self.summary, key)
 
 
-def machine_key(summary: dict[str, Any], meta: Optional[dict[str, Any]]) -> Optional[str]:
+def machine_key(summary: dict[str, Any], meta: dict[str, Any] | None) -> str | None:
     """Where and with what a run trained: the GPU name or CPU model, the torch build and the thread count
     (summary.json provenance); for older runs the CPU the runner recorded, build unknown."""
     device = summary.get("device")

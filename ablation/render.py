@@ -10,13 +10,14 @@ import functools
 import re
 from pathlib import Path
 from string import Template
-from typing import Any, Optional, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 _FRAGMENT = re.compile(r"^<!-- fragment: ([a-z0-9_]+) -->\n", re.M)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _templates(file: str) -> dict[str, Template]:
     text = (TEMPLATE_DIR / f"{file}.md").read_text()
     parts = _FRAGMENT.split(text)
@@ -48,13 +49,13 @@ def bullets(items: Sequence[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- numbers
-def fmt(x: Optional[float], nd: int = 2, signed: bool = False) -> str:
+def fmt(x: float | None, nd: int = 2, signed: bool = False) -> str:
     if x is None:
         return ""
     return f"{x:+.{nd}f}" if signed else f"{x:.{nd}f}"
 
 
-def fmt_p(p: Optional[float]) -> str:
+def fmt_p(p: float | None) -> str:
     """``0.012 *`` (significant at 0.05), ``0.3``, or ``n/a``."""
     from .stats import ALPHA
     if p is None:
@@ -73,7 +74,7 @@ def fmt_ours(s: dict[str, Any], nd: int = 2) -> str:
     return text + f" (n={s['n']})"
 
 
-def fmt_ci(lo: Optional[float], hi: Optional[float], signed: bool = False) -> str:
+def fmt_ci(lo: float | None, hi: float | None, signed: bool = False) -> str:
     return "" if lo is None or hi is None else f"[{fmt(lo, 2, signed)}, {fmt(hi, 2, signed)}]"
 
 

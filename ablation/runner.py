@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from engine.runlock import RunLock, held_by
 
@@ -29,7 +29,7 @@ TRAINER_ENV = "FCANET_ABLATION_TRAINER"
 LOCK_NAME = "ablation.lock"  # a point's lock, held by its runner and (inherited) its trainer
 
 
-def trainer_command(trainer_cmd: Optional[str] = None, gpus: int = 1) -> list[str]:
+def trainer_command(trainer_cmd: str | None = None, gpus: int = 1) -> list[str]:
     """The command prefix a run is appended to (``--config ... KEY=VALUE ...`` follow).
 
     ``--trainer-cmd`` or the ``FCANET_ABLATION_TRAINER`` environment variable replace it (tests use a fake
@@ -119,7 +119,7 @@ def _raise_terminated(signum, frame):
 
 
 def run_one(run: Run, prefix: Sequence[str], quiet: bool = False, launcher: str = "subprocess",
-            env: Optional[dict] = None) -> str:
+            env: dict | None = None) -> str:
     """Train one run unless complete or locked. Returns 'complete', 'locked', 'ran' or 'failed'.
 
     ``launcher``: ``subprocess`` (a fresh ``prefix`` process per run; the only choice for torchrun / custom
@@ -243,7 +243,7 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def select_runs(plan: Plan, index: Optional[int] = None, only: Optional[Sequence[int]] = None,
+def select_runs(plan: Plan, index: int | None = None, only: Sequence[int] | None = None,
                 rotate: int = 0) -> list[Run]:
     """The runs a runner goes through, in order: run ``index`` alone; or the runs numbered ``only``; or all.
     ``rotate``: runner i of ``--jobs N`` starts at the i-th seed (and wraps around), so parallel runners train
@@ -280,9 +280,9 @@ def prepare_data(plan: Plan, timeout_s: float = 600.0) -> None:
         lock.release()
 
 
-def run_local(plan: Plan, prefix: Sequence[str], limit: Optional[int] = None, index: Optional[int] = None,
+def run_local(plan: Plan, prefix: Sequence[str], limit: int | None = None, index: int | None = None,
               quiet: bool = False, launcher: str = "subprocess", prepare: bool = True,
-              only: Optional[Sequence[int]] = None, rotate: int = 0) -> dict[str, list[str]]:
+              only: Sequence[int] | None = None, rotate: int = 0) -> dict[str, list[str]]:
     """Run the plan's incomplete runs one after another. Returns run names by outcome.
 
     ``prepare``: write the preset's built-in data first (off with a custom trainer command, which brings its own).
@@ -343,7 +343,7 @@ def run_parallel(argv: Sequence[str], jobs: int) -> int:
 class SlurmRun:
     """A submitit job: one run (requeued from its last checkpoint on preemption or timeout)."""
 
-    def __init__(self, run: Run, prefix: Sequence[str], env: Optional[dict] = None):
+    def __init__(self, run: Run, prefix: Sequence[str], env: dict | None = None):
         self.run, self.prefix, self.env = run, list(prefix), dict(env or {})
 
     def __call__(self) -> str:
@@ -357,9 +357,9 @@ class SlurmRun:
         return submitit.helpers.DelayedSubmission(SlurmRun(self.run, self.prefix, self.env))
 
 
-def submit_slurm(plan: Plan, prefix: Sequence[str], gpus: int, partition: Optional[str], time_min: int,
-                 cpus_per_gpu: int, mem_gb: Optional[int], account: Optional[str], cluster: Optional[str] = None,
-                 limit: Optional[int] = None, prepare: bool = True) -> list[tuple[str, str]]:
+def submit_slurm(plan: Plan, prefix: Sequence[str], gpus: int, partition: str | None, time_min: int,
+                 cpus_per_gpu: int, mem_gb: int | None, account: str | None, cluster: str | None = None,
+                 limit: int | None = None, prepare: bool = True) -> list[tuple[str, str]]:
     """Submit every incomplete run as one Slurm job (submitit); dependents wait on the base run (afterok)."""
     try:
         import submitit
@@ -401,7 +401,7 @@ def submit_slurm(plan: Plan, prefix: Sequence[str], gpus: int, partition: Option
     return submitted
 
 
-def sbatch_script(plan: Plan, cli_args: Sequence[str], gpus: int, partition: Optional[str], time_min: int,
+def sbatch_script(plan: Plan, cli_args: Sequence[str], gpus: int, partition: str | None, time_min: int,
                   cpus_per_gpu: int, parallel: int = 8) -> str:
     """An sbatch array script: task i runs ``python -m ablation run ... --index i`` (the i-th run of `plan`)."""
     n = len(plan.runs)

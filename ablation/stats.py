@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -24,10 +24,10 @@ BOOTSTRAP_RESAMPLES = 2000
 PAIRED_NAME = "paired t-test over seeds (two-sided)"
 
 
-def summarize(values: Sequence[float]) -> dict[str, Optional[float]]:
+def summarize(values: Sequence[float]) -> dict[str, float | None]:
     """n, mean, sample std and the 95% Student-t interval of the mean (``None`` where n is too small)."""
     n = len(values)
-    out: dict[str, Optional[float]] = {"n": n, "mean": None, "std": None, "ci_low": None, "ci_high": None}
+    out: dict[str, float | None] = {"n": n, "mean": None, "std": None, "ci_low": None, "ci_high": None}
     if not n:
         return out
     out["mean"] = statistics.fmean(values)
@@ -43,7 +43,7 @@ def _t_quantile(q: float, df: int) -> float:
     return float(t.ppf(q, df))
 
 
-def paired(a: Mapping[int, float], b: Mapping[int, float]) -> dict[str, Optional[float]]:
+def paired(a: Mapping[int, float], b: Mapping[int, float]) -> dict[str, float | None]:
     """``a - b`` over the seeds both have: n, mean difference, sd of the differences, 95% interval and the
     two-sided paired-t p-value (None with n < 2, or when the differences have no spread: identical runs)."""
     seeds = sorted(set(a) & set(b))
@@ -57,7 +57,7 @@ def paired(a: Mapping[int, float], b: Mapping[int, float]) -> dict[str, Optional
     return out
 
 
-def welch_p(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
+def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
     """Two-sided p-value of Welch's t-test for *independent* samples, or None when it is undefined (n < 2 on a
     side, or both samples constant: then equal means give p = 1 and different ones cannot be judged)."""
     if len(a) < 2 or len(b) < 2:
@@ -69,11 +69,11 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
     return float(ttest_ind(a, b, equal_var=False).pvalue)
 
 
-def holm(pvalues: Sequence[Optional[float]]) -> list[Optional[float]]:
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
     """Holm-Bonferroni adjusted p-values (None entries stay None and are not counted as comparisons)."""
     idx = sorted((i for i, p in enumerate(pvalues) if p is not None), key=lambda i: pvalues[i])
     m = len(idx)
-    out: list[Optional[float]] = [None] * len(pvalues)
+    out: list[float | None] = [None] * len(pvalues)
     running = 0.0
     for rank, i in enumerate(idx):
         running = max(running, min(1.0, (m - rank) * pvalues[i]))
@@ -81,8 +81,8 @@ def holm(pvalues: Sequence[Optional[float]]) -> list[Optional[float]]:
     return out
 
 
-def mdd(sd: Optional[float], n: int, comparisons: int = 1, alpha: float = ALPHA,
-        power: float = POWER) -> Optional[float]:
+def mdd(sd: float | None, n: int, comparisons: int = 1, alpha: float = ALPHA,
+        power: float = POWER) -> float | None:
     """Minimal detectable difference of a two-sided paired t-test over ``n`` seeds: the true mean difference
     detected with probability ``power`` at level ``alpha / comparisons`` (Bonferroni, the first step of Holm:
     the strictest level a comparison of the family faces), given the sd of the paired differences. Exact:
@@ -114,7 +114,7 @@ def complete_blocks(values: Mapping, keys: Sequence) -> tuple[list, np.ndarray]:
     return seeds, np.array([[values[k][s] for s in seeds] for k in keys], dtype=float).reshape(len(keys), -1)
 
 
-def residual_sd(matrix: np.ndarray) -> Optional[float]:
+def residual_sd(matrix: np.ndarray) -> float | None:
     """sd of the residuals of the additive model ``point + seed`` (points x seeds), or None (too small)."""
     k, n = matrix.shape
     if k < 2 or n < 2:
@@ -123,16 +123,16 @@ def residual_sd(matrix: np.ndarray) -> Optional[float]:
     return math.sqrt(float((resid ** 2).sum()) / ((k - 1) * (n - 1)))
 
 
-def blocked_test(matrix: np.ndarray) -> dict[str, Optional[float]]:
+def blocked_test(matrix: np.ndarray) -> dict[str, float | None]:
     """Does the point matter, blocking on seed? ``matrix`` is points x seeds (complete blocks).
 
     Two-way additive ANOVA: F = MS(points) / MS(residual) with (k - 1, (k - 1)(n - 1)) degrees of freedom, and
     the seed (block) F for reference; Friedman's chi-square on the within-seed ranks (k >= 3). p-values are
     None where undefined (fewer than 2 seeds, or no residual variation)."""
     k, n = matrix.shape
-    out: dict[str, Optional[float]] = {"points": k, "seeds": n, "f": None, "df1": k - 1, "df2": (k - 1) * (n - 1),
-                                       "p": None, "seed_f": None, "seed_p": None, "friedman": None,
-                                       "friedman_p": None}
+    out: dict[str, float | None] = {"points": k, "seeds": n, "f": None, "df1": k - 1, "df2": (k - 1) * (n - 1),
+                                    "p": None, "seed_f": None, "seed_p": None, "friedman": None,
+                                    "friedman_p": None}
     if k < 2 or n < 2:
         return out
     from scipy.stats import f as fdist, friedmanchisquare

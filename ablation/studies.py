@@ -27,7 +27,7 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -71,7 +71,7 @@ class Run:
 
     study: str
     point: str                      # "base", "control", "u0v1", "top4", ...
-    seed: Optional[int]             # None only for a single base given by --base-checkpoint's absence of seeds
+    seed: int | None             # None only for a single base given by --base-checkpoint's absence of seeds
     config: str                     # trainer config, relative to the repository root
     epochs: int
     run_dir: Path
@@ -147,7 +147,7 @@ def comparable_settings(cfg: Config, runs_root: Path, env: dict[str, Any]) -> di
     return data
 
 
-def settings_difference(old: dict[str, Any], new: dict[str, Any], most: int = 2) -> Optional[str]:
+def settings_difference(old: dict[str, Any], new: dict[str, Any], most: int = 2) -> str | None:
     """``optim.base_lr 0.2 -> 3.0, ...`` for the keys that differ, or None."""
     keys = diff_configs(old, new)
     if not keys:
@@ -162,7 +162,7 @@ def settings_difference(old: dict[str, Any], new: dict[str, Any], most: int = 2)
     return text + (f" and {len(keys) - most} more key(s)" if len(keys) > most else "")
 
 
-def recorded(run: Run) -> Optional[dict[str, Any]]:
+def recorded(run: Run) -> dict[str, Any] | None:
     """The ``ablation.json`` the runner wrote in the run's directory, or None."""
     try:
         data = json.loads((run.run_dir / "ablation.json").read_text())
@@ -171,7 +171,7 @@ def recorded(run: Run) -> Optional[dict[str, Any]]:
     return data if isinstance(data, dict) else None
 
 
-def stale_reason(run: Run) -> Optional[str]:
+def stale_reason(run: Run) -> str | None:
     """Why ``run``'s directory does not hold what the plan would train now (other frequencies, e.g. after the
     measured grid changed; another start; a preset edited between runs), or None. From its ``ablation.json``."""
     old = recorded(run)
@@ -195,11 +195,11 @@ class Plan:
     preset_path: Path
     runs_root: Path
     runs: list[Run]
-    freq_source: Optional[str] = None
-    base_checkpoint: Optional[str] = None
+    freq_source: str | None = None
+    base_checkpoint: str | None = None
     seeds: int = 1
     finetune_schedule: str = "ours"
-    pending: Optional[str] = None   # a k-study whose frequencies wait for single_freq: what it needs
+    pending: str | None = None   # a k-study whose frequencies wait for single_freq: what it needs
 
     def gpu_hours(self, run: Run, throughput: float) -> float:
         return float(self.preset.train_images) * run.epochs / throughput / 3600.0
@@ -233,8 +233,8 @@ class _Planner:
                 raise AblationError(f"preset file {self.preset_path}: {exc}") from None
         return self.trees[config]
 
-    def run(self, study: str, point: str, seed: Optional[int], config: str, epochs: int, extra: dict[str, Any],
-            meta: dict[str, Any], depends: tuple[str, ...] = (), run_dir: Optional[Path] = None) -> Run:
+    def run(self, study: str, point: str, seed: int | None, config: str, epochs: int, extra: dict[str, Any],
+            meta: dict[str, Any], depends: tuple[str, ...] = (), run_dir: Path | None = None) -> Run:
         """A run of ``study``: the preset's common overrides, then ``extra``; ``model.kwargs`` merged over the
         config file's (so settings such as ``zero_init_residual`` are kept unless the preset changes them),
         without attention options on a plain network."""
@@ -301,14 +301,14 @@ class _Planner:
     def base_checkpoint_of(self, base: Run) -> str:
         return str(base.run_dir / self.preset.base.checkpoint)
 
-    def finetune(self, seed: int, u: int, v: int, init: Optional[str], depends: tuple[str, ...]) -> Run:
+    def finetune(self, seed: int, u: int, v: int, init: str | None, depends: tuple[str, ...]) -> Run:
         spec = self.preset.studies.single_freq
         extra = {**spec.overrides, **self.schedule(), "model.freq": [[u, v]], "model.init_checkpoint": init}
         meta = {"role": "single_freq", "u": u, "v": v, "frequencies": [[u, v]], "grid_size": self.preset.grid_size,
                 "freq_source": "grid", "init_checkpoint": init, "finetune_schedule": self.finetune_schedule}
         return self.run("single_freq", f"u{u}v{v}", seed, spec.config, spec.epochs, extra, meta, depends)
 
-    def control(self, seed: int, init: Optional[str], depends: tuple[str, ...]) -> Run:
+    def control(self, seed: int, init: str | None, depends: tuple[str, ...]) -> Run:
         """The base trained on for the fine-tune budget without attention: the fine-tunes' recipe and schedule,
         the base's network (its config file and model overrides)."""
         spec, base = self.preset.studies.single_freq, self.preset.base
@@ -329,7 +329,7 @@ def paper_code_schedule(preset: Preset) -> dict[str, Any]:
     return {SCHEDULE_KEY: length, "train.warmup_epochs": PAPER_CODE_WARMUP * length / PAPER_CODE_LENGTH}
 
 
-def plan_single_freq(planner: _Planner, base_checkpoint: Optional[str]) -> list[Run]:
+def plan_single_freq(planner: _Planner, base_checkpoint: str | None) -> list[Run]:
     """Every seed's base first (unless ``base_checkpoint``), then per seed its control and S*S fine-tunes (an
     sbatch array can then hold the fine-tunes back until every base is done)."""
     spec = planner.preset.studies.single_freq
@@ -376,7 +376,7 @@ def measured_grid(plan: Plan) -> tuple[dict[tuple[int, int], float], int]:
     return {f: sum(v.values()) / len(v) for f, v in values.items()}, done
 
 
-def resolve_source(study: str, requested: str, planner: _Planner) -> tuple[str, Optional[dict], Optional[str]]:
+def resolve_source(study: str, requested: str, planner: _Planner) -> tuple[str, dict | None, str | None]:
     """A k-study's frequency source, the measured grid if used, and what is pending (or None)."""
     if requested not in FREQ_SOURCES:
         raise AblationError(f"unknown frequency source {requested!r}; expected one of {', '.join(FREQ_SOURCES)}")
@@ -420,7 +420,7 @@ def study_frequencies(study: str, ks, source: str, grid, size: int = GRID) -> di
         raise AblationError(f"{study}: {exc}") from None
 
 
-def plan_kstudy(planner: _Planner, study: str, freq_source: str) -> tuple[list[Run], str, Optional[str]]:
+def plan_kstudy(planner: _Planner, study: str, freq_source: str) -> tuple[list[Run], str, str | None]:
     """topk / lowk / botk: per seed (its base first when the k-runs start from it), one run per k."""
     preset = planner.preset
     spec = preset.study(study)
@@ -525,8 +525,8 @@ def validate(plan: Plan, planner: _Planner) -> None:
                                 f"the base (base.overrides) and the fine-tunes the same non-model settings")
 
 
-def build_plan(study: str, preset_name: str, seeds: Optional[int] = None, runs_root: Optional[Path] = None,
-               freq_source: str = "auto", base_checkpoint: Optional[str] = None,
+def build_plan(study: str, preset_name: str, seeds: int | None = None, runs_root: Path | None = None,
+               freq_source: str = "auto", base_checkpoint: str | None = None,
                finetune_schedule: str = "ours") -> Plan:
     """The runs of ``study`` under preset ``preset_name``, validated.
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .errors import AblationError
 
 
-def read_summary(run_dir: Path) -> Optional[dict[str, Any]]:
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
     """The run's summary.json, or None if there is none. Raises AblationError if it is unreadable."""
     path = Path(run_dir) / "summary.json"
     if not path.exists():
@@ -36,7 +36,7 @@ def is_complete(run_dir: Path, epochs: int) -> bool:
     return isinstance(done, (int, float)) and done >= epochs
 
 
-def number(summary: Optional[dict[str, Any]], key: str) -> Optional[float]:
+def number(summary: dict[str, Any] | None, key: str) -> float | None:
     """A finite number of the summary, or None (``best_top1 < 0`` is the trainer's "never evaluated")."""
     if not summary:
         return None

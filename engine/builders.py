@@ -7,7 +7,8 @@ from __future__ import annotations
 import inspect
 import random
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -191,7 +192,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     the fp16 GradScaler its first step fails, as only the fused step takes the scaler's arguments)."""
     keep = [{k: g[k] for k in IMPLEMENTATION_FLAGS if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(state)
-    for group, flags in zip(optimizer.param_groups, keep):
+    for group, flags in zip(optimizer.param_groups, keep, strict=True):
         group.update(flags)
 
 

@@ -12,7 +12,7 @@ import re
 import signal
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 EXIT_ERROR = 2       # bad input (config, data, checkpoint), a full disk, or a stopped run (non-finite loss)
 EXIT_KILLED = 137    # debug.kill_after_steps (what a SIGKILL-ed process reports)
@@ -58,6 +58,34 @@ class Once:
             return True
 
 
+def _report_expected(e: Exception, rank: int, world: int, where: str) -> None:
+    """The one ``error: ...`` line of an expected failure. Config errors are identical on every rank, so only
+    rank 0 prints them; data errors may differ, so every rank reports those (and, under DDP, announces its
+    failure so the other ranks stop instead of waiting in a collective)."""
+    from engine.config import ConfigError
+
+    if isinstance(e, ConfigError):
+        if rank == 0:
+            print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        return
+    if world > 1:
+        from engine import distributed as dist_lib
+        dist_lib.announce_failure(rank)
+    print(f"error: {one_line(e)}{where}", file=sys.stderr, flush=True)
+
+
+def _report_collective_failure(e: Exception, rank: int, where: str) -> None:
+    """The one line of a broken collective: the rank that failed first when known, else the error itself."""
+    from engine import distributed as dist_lib
+
+    failed = dist_lib.failed_rank()
+    if failed is not None and failed != rank:
+        print(f"error: stopped: rank {failed} failed{where}", file=sys.stderr, flush=True)
+    else:
+        print(f"error: stopped: another rank left the job ({one_line(e)[:160]}){where}", file=sys.stderr,
+              flush=True)
+
+
 def run_guarded(fn: Callable[[], int | None], interrupted: str = "interrupted") -> int:
     """Run ``fn``; turn the project's expected failures into ``error: ...`` on stderr and exit code 2, and a
     ``KeyboardInterrupt`` into ``error: <interrupted>`` and exit code 130."""
@@ -94,16 +122,8 @@ def run_guarded(fn: Callable[[], int | None], interrupted: str = "interrupted") 
         return fn() or 0
     except expected as e:
         quiet_exit()
-        if not final_line.claim():
-            return EXIT_ERROR
-        # Config errors are identical on every rank; data errors may differ, so every rank reports those.
-        if isinstance(e, ConfigError):
-            if rank == 0:
-                print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
-        else:
-            if world > 1:
-                dist_lib.announce_failure(rank)
-            print(f"error: {one_line(e)}{where}", file=sys.stderr, flush=True)
+        if final_line.claim():
+            _report_expected(e, rank, world, where)
         return EXIT_ERROR
     except SimulatedKill as e:
         print(f"killed: {e}", file=sys.stderr, flush=True)
@@ -115,14 +135,8 @@ def run_guarded(fn: Callable[[], int | None], interrupted: str = "interrupted") 
         if world <= 1 or not _is_collective_failure(e):
             raise
         quiet_exit()
-        if not final_line.claim():
-            return EXIT_ERROR
-        failed = dist_lib.failed_rank()
-        if failed is not None and failed != rank:
-            print(f"error: stopped: rank {failed} failed{where}", file=sys.stderr, flush=True)
-        else:
-            print(f"error: stopped: another rank left the job ({one_line(e)[:160]}){where}", file=sys.stderr,
-                  flush=True)
+        if final_line.claim():
+            _report_collective_failure(e, rank, where)
         return EXIT_ERROR
     finally:
         if watch is not None:

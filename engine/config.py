@@ -17,10 +17,11 @@ import difflib
 import functools
 import math
 import re
+import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Union
 
 import yaml
 
@@ -42,13 +43,13 @@ def _f(default: Any = MISSING, *, choices: tuple | None = None, min: float | Non
 class ModelConfig:
     name: str = _f("fcanet50", help="model to train (python train_imagenet.py --list-models)")
     num_classes: int = _f(1000, min=1, help="classifier outputs (at least the class folders of data.root)")
-    freq: Union[str, List[List[int]], None] = _f(
+    freq: str | list[list[int]] | None = _f(
         None, help="FCA frequency selection: top16, low4, bot2, ... or a list of (u, v) pairs (null: the model's "
                    "default, top16); fcanet* models only")
-    init_checkpoint: Optional[str] = _f(
+    init_checkpoint: str | None = _f(
         None, help="fine-tune initialisation: our checkpoint, torchvision's, the authors', or a plain ResNet for an "
                    "attention model (ignored when the run resumes from its own checkpoint)")
-    kwargs: Dict[str, Any] = _f(
+    kwargs: dict[str, Any] = _f(
         default_factory=dict, help="more models.create_model options, e.g. {reduction: 16, grid: 7, widths: [...], "
                                    "stem: cifar}; an option the model would ignore is refused")
 
@@ -66,7 +67,7 @@ class TrainConfig:
     epochs: int = _f(100, min=1, help="epochs to train (raising it continues a finished run)")
     warmup_epochs: float = _f(5.0, min=0.0, help="linear lr warmup, in epochs (then cosine to 0)")
     # The authors' main.py fine-tunes on the first epochs of a 100-epoch (5 warmup + 95 cosine) schedule.
-    schedule_epochs: Optional[int] = _f(None, min=1, help="lr schedule length in epochs (null: train.epochs)")
+    schedule_epochs: int | None = _f(None, min=1, help="lr schedule length in epochs (null: train.epochs)")
     batch_size: int = _f(128, min=1, help="images per process and step (global batch = batch_size x processes)")
     amp: str = _f("bf16", choices=("bf16", "fp16", "off"), help="autocast precision (fp16: CUDA, with loss scaling)")
     label_smoothing: float = _f(0.1, min=0.0, help="label smoothing of the training loss, in [0, 1)")
@@ -77,12 +78,12 @@ class TrainConfig:
     sync_bn: bool = _f(False, help="SyncBatchNorm across processes (CUDA DDP only)")
     checkpoint_every_steps: int = _f(0, min=0, help="mid-epoch checkpoint period (0: only at epoch ends)")
     log_every_steps: int = _f(50, min=1, help="metrics are reduced (host sync) every N steps")
-    max_steps_per_epoch: Optional[int] = _f(None, min=1, help="cap the steps per epoch (smoke tests)")
+    max_steps_per_epoch: int | None = _f(None, min=1, help="cap the steps per epoch (smoke tests)")
     eval_every_epochs: int = _f(1, min=1, help="evaluate every N epochs (and after the last one)")
     progress: bool = _f(True, help="progress bar on rank 0 (a line every few seconds when not a terminal)")
     # Tiny CPU models run faster on 1 thread, and far faster when the cores are shared.
-    cpu_threads: Optional[int] = _f(None, min=1, help="torch intra-op threads on CPU (null: torch's default, or "
-                                                      "OMP_NUM_THREADS as torchrun sets it)")
+    cpu_threads: int | None = _f(None, min=1, help="torch intra-op threads on CPU (null: torch's default, or "
+                                                   "OMP_NUM_THREADS as torchrun sets it)")
     tensorboard: bool = _f(True, help="write TensorBoard events to <output_dir>/tb")
 
 
@@ -104,22 +105,22 @@ class DataConfig:
     pipeline: str = _f("fast", choices=("fast", "torchvision", "gpu"),
                        help="fast: uint8 CPU decode, normalize on the device; torchvision: the PIL reference; gpu: "
                             "nvjpeg decode and crops on the GPU (CUDA only)")
-    workers: Optional[int] = _f(None, min=0, help="DataLoader workers per process (null: from the CPU count)")
-    val_batch_size: Optional[int] = _f(None, min=1, help="null: same as train.batch_size")
+    workers: int | None = _f(None, min=0, help="DataLoader workers per process (null: from the CPU count)")
+    val_batch_size: int | None = _f(None, min=1, help="null: same as train.batch_size")
     skip_corrupt: bool = _f(False, help="skip and count unreadable images instead of failing")
-    prepare: Optional[str] = _f(None, choices=("digits",),
-                                help="first write a built-in data set under data.root (once): digits = "
-                                     "scikit-learn's 8x8 digits, the CPU demo")
+    prepare: str | None = _f(None, choices=("digits",),
+                             help="first write a built-in data set under data.root (once): digits = "
+                                  "scikit-learn's 8x8 digits, the CPU demo")
     synthetic_train_size: int = _f(12800, min=1, help="images per epoch of data.source=synthetic")
     synthetic_val_size: int = _f(1000, min=1, help="validation images of data.source=synthetic")
 
 
 @dataclass
 class DebugConfig:
-    kill_after_steps: Optional[int] = _f(None, min=1, help="simulate a hard kill (no checkpoint, exit status 137) "
-                                                           "right after this global step")
-    signal_after_steps: Optional[int] = _f(None, min=1, help="send SIGTERM to this process right after this global "
-                                                             "step (exercises the preemption path)")
+    kill_after_steps: int | None = _f(None, min=1, help="simulate a hard kill (no checkpoint, exit status 137) "
+                                                        "right after this global step")
+    signal_after_steps: int | None = _f(None, min=1, help="send SIGTERM to this process right after this global "
+                                                          "step (exercises the preemption path)")
 
 
 @dataclass
@@ -129,7 +130,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
-    output_dir: Optional[str] = _f(None, help="run directory (null: runs/<config file stem>)")
+    output_dir: str | None = _f(None, help="run directory (null: runs/<config file stem>)")
     seed: int = _f(0, min=0, max=2**32 - 1, help="seed of the initial weights and of the data order")  # numpy's range
 
     def to_dict(self) -> dict:
@@ -139,7 +140,7 @@ class Config:
 # ----------------------------------------------------------------------------------------------------
 # Schema helpers
 
-@functools.lru_cache(maxsize=None)  # a schema's hints never change; resolving them is most of a config's parse
+@functools.cache  # a schema's hints never change; resolving them is most of a config's parse
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -206,57 +207,66 @@ def _unknown(key: str, candidates: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
+# ``Optional[X]`` / ``Union[X, Y]`` have origin ``typing.Union``; PEP 604 ``X | None`` has ``types.UnionType``.
+_UNION_ORIGINS = (Union, types.UnionType)
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
-    if origin is Union:
+    if origin in _UNION_ORIGINS:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if origin in (list, List):
+    if origin in (list, list):
         return "list"
-    if origin in (dict, Dict):
+    if origin in (dict, dict):
         return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
+# Plain annotations whose values pass through unchanged: the test a value must meet (bools are not ints here).
+_SCALAR_CHECKS: dict[Any, Any] = {
+    type(None): lambda v: v is None,
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+}
+
+
+def _is_float_like(value: Any) -> bool:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True
+    # PyYAML reads "1e-4" (no dot) as a string; accept numeric strings for float keys.
+    return isinstance(value, str) and _FLOAT_RE.match(value.strip()) is not None
+
+
+def _coerce_union(key: str, value: Any, tp: Any) -> Any:
+    """The first member of the union ``tp`` that accepts ``value``, in declaration order."""
+    for arg in typing.get_args(tp):
+        try:
+            return _coerce(key, value, arg)
+        except ConfigError:
+            continue
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints/float-strings widened to float)."""
     origin = typing.get_origin(tp)
-    if origin is Union:
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError:
-                continue
-        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
-    if tp is type(None):
-        if value is None:
-            return None
-    elif tp is Any:
+    if origin in _UNION_ORIGINS:
+        return _coerce_union(key, value, tp)
+    if tp is Any:
         return value
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # PyYAML reads "1e-4" (no dot) as a string; accept numeric strings for float keys.
-        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif origin in (list, List):
-        if isinstance(value, (list, tuple)):
-            (inner,) = typing.get_args(tp) or (Any,)
-            return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
-    elif origin in (dict, Dict):
-        if isinstance(value, dict):
-            return dict(value)
+    if tp is float and _is_float_like(value):
+        return float(value)
+    check = _SCALAR_CHECKS.get(tp)
+    if check is not None and check(value):
+        return value
+    if origin in (list, list) and isinstance(value, (list, tuple)):
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin in (dict, dict) and isinstance(value, dict):
+        return dict(value)
     raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
 
 

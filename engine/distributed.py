@@ -1,12 +1,13 @@
 """Process-group setup for ``python`` (1 process) and ``torchrun`` (DDP) launches."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -102,7 +103,7 @@ def _failure_key() -> str:
             f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
 
 
-def _job_store(timeout_s: float) -> "dist.TCPStore | None":
+def _job_store(timeout_s: float) -> dist.TCPStore | None:
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not addr or not port:
         return None
@@ -120,10 +121,8 @@ def announce_failure(rank: int) -> None:
     store = _job_store(timeout_s=5.0)
     if store is None:
         return
-    try:
+    with contextlib.suppress(RuntimeError, ValueError, OSError):
         store.compare_set(_failure_key(), "", str(rank))
-    except (RuntimeError, ValueError, OSError):
-        pass
 
 
 def failed_rank(wait_s: float = 3.0) -> int | None:
@@ -163,7 +162,7 @@ class FailureWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fcanet-failure-watch", daemon=True)
 
-    def start(self) -> "FailureWatch":
+    def start(self) -> FailureWatch:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("MASTER_ADDR"):
             self._thread.start()
         return self

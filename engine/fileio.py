@@ -19,7 +19,8 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 TEMP_RE = re.compile(r"^\..+\.tmp\d*$")  # .<name>.tmp<pid> (written by atomic_open)
 

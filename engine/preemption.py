@@ -40,7 +40,7 @@ class Preemption:
         if not self.interrupted:  # Ctrl-C decides how the run ends, whatever came before it
             self.signum = signum
 
-    def __enter__(self) -> "Preemption":
+    def __enter__(self) -> Preemption:
         try:
             for s in self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handler)

@@ -23,7 +23,8 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from engine import checkpoint as ckpt_lib
 from engine import distributed as dist_lib

@@ -61,7 +61,7 @@ class WarmupCosineSchedule:
 
     @classmethod
     def from_epochs(cls, peak_lr: float, steps_per_epoch: int, epochs: int,
-                    warmup_epochs: float) -> "WarmupCosineSchedule":
+                    warmup_epochs: float) -> WarmupCosineSchedule:
         total = steps_per_epoch * epochs
         return cls(peak_lr, min(total, int(round(warmup_epochs * steps_per_epoch))), total)
 

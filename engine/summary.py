@@ -11,7 +11,6 @@ import json
 import subprocess
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
 
 SCHEMA_VERSION = 2
 FILE_NAME = "summary.json"
@@ -24,10 +23,10 @@ class RunSummary:
     epochs: int                  # epochs trained
     best_top1: float             # best val top-1 (%) over the evaluated epochs ...
     best_epoch: int              # ... and its epoch (1-based)
-    final_top1: Optional[float]  # val top-1 / top-5 (%) and loss of the last evaluated (= final) epoch
-    final_top5: Optional[float]
-    final_loss: Optional[float]
-    val_count: Optional[int]     # val images evaluated (every image exactly once)
+    final_top1: float | None  # val top-1 / top-5 (%) and loss of the last evaluated (= final) epoch
+    final_top5: float | None
+    final_loss: float | None
+    val_count: int | None     # val images evaluated (every image exactly once)
     global_steps: int
     train_img_per_s: float       # training throughput over all ranks, evaluation excluded
     wall_time_s: float           # over all sessions (resumes add up)
@@ -36,13 +35,13 @@ class RunSummary:
     device: str                  # CUDA device name, or "cpu"
     global_batch: int
     peak_lr: float
-    git_commit: Optional[str]    # HEAD of this checkout ("-dirty" with local changes), None outside git
+    git_commit: str | None    # HEAD of this checkout ("-dirty" with local changes), None outside git
     output_dir: str
-    torch_version: Optional[str] = None  # torch.__version__, e.g. "2.14.1+cpu"
-    cuda_version: Optional[str] = None   # torch.version.cuda of the build (None: a CPU-only build)
-    cpu_model: Optional[str] = None      # /proc/cpuinfo "model name" (platform.processor() elsewhere)
-    cpu_count: Optional[int] = None      # logical CPUs of the machine
-    threads: Optional[int] = None        # torch intra-op threads of the run (numerics depend on them on CPU)
+    torch_version: str | None = None  # torch.__version__, e.g. "2.14.1+cpu"
+    cuda_version: str | None = None   # torch.version.cuda of the build (None: a CPU-only build)
+    cpu_model: str | None = None      # /proc/cpuinfo "model name" (platform.processor() elsewhere)
+    cpu_count: int | None = None      # logical CPUs of the machine
+    threads: int | None = None        # torch intra-op threads of the run (numerics depend on them on CPU)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:

@@ -368,12 +368,11 @@ class Trainer:
                  f"{row['train_top1']:.2f} | {val_text}lr {row['lr']:.4g} | {row['img_per_s']:.1f} img/s{warm} | "
                  f"{row['epoch_time_s']:.1f} s")
         self.run_dir.append_metrics(row)
-        if self.info.is_main:
-            if self.writer is not None:
-                for k, v in row.items():
-                    if k not in ("epoch", "global_step"):
-                        self.writer.add_scalar(f"epoch/{k}", v, st.epoch + 1)
-                self.writer.flush()
+        if self.info.is_main and self.writer is not None:
+            for k, v in row.items():
+                if k not in ("epoch", "global_step"):
+                    self.writer.add_scalar(f"epoch/{k}", v, st.epoch + 1)
+            self.writer.flush()
         st.epoch += 1
         st.step_in_epoch, st.epoch_time_s, st.epoch_images = 0, 0.0, 0
         st.epoch_warmup_s, st.epoch_warmup_images = 0.0, 0

@@ -9,7 +9,7 @@ already ships is never shadowed.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 _TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 

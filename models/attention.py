@@ -16,7 +16,8 @@ key names of the official GCNet ``ContextBlock``; other releases' layouts are ma
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Literal
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -12,13 +12,14 @@ lists, such as the ones :func:`two_step_criterion` derives from a measured S x S
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Mapping, Sequence, Union
+from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
 
 if TYPE_CHECKING:  # torch is imported where the bases are built, so the frequency orders load without it
     import torch
 
 Frequency = tuple[int, int]
-FrequencySpec = Union[str, Sequence[Sequence[int]], None]
+FrequencySpec = str | Sequence[Sequence[int]] | None
 
 GRID = 7  # the paper's selection grid: the last ResNet stage's map at 224x224 input
 
@@ -135,7 +136,7 @@ def parse_frequencies(spec: FrequencySpec, grid: int = GRID) -> list[Frequency]:
     return freqs
 
 
-def rank_frequencies(grid: Union[Mapping[Frequency, float], Sequence[Sequence[float]], torch.Tensor],
+def rank_frequencies(grid: Mapping[Frequency, float] | Sequence[Sequence[float]] | torch.Tensor,
                      descending: bool = True) -> list[Frequency]:
     """Step one of the two-step criterion (Sec. 4.2): order single-frequency results by accuracy.
 

@@ -27,7 +27,8 @@ import math
 import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -102,8 +103,8 @@ class DetectorOptions:
     min_size: int = 800
     max_size: int = 1333
     train_min_sizes: tuple = ()
-    train_max_size: Optional[int] = None
-    canvas: Optional[tuple] = None
+    train_max_size: int | None = None
+    canvas: tuple | None = None
     fpn_channels: int = 256
     box_head_dim: int = 1024
     mask_head_channels: tuple = (256, 256, 256, 256)
@@ -165,7 +166,7 @@ class ResNetBody(nn.Module):
             return []
         return [self.conv1, self.bn1] + [getattr(self, STAGES[i]) for i in range(self.frozen_stages)]
 
-    def train(self, mode: bool = True) -> "ResNetBody":
+    def train(self, mode: bool = True) -> ResNetBody:
         super().train(mode)
         if mode:
             for module in self.frozen_modules():
@@ -176,15 +177,15 @@ class ResNetBody(nn.Module):
                         m.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """(N, 3, H, W) -> C2..C5: (N, C_s, H / 2^(s+2), W / 2^(s+2)) (ceil), keys "0".."3"."""
         return _stages(self, x)
 
 
-def _stages(m: nn.Module, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+def _stages(m: nn.Module, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
     """The stem and the four stages of ``m`` (a ResNet or its body) on ``x``: C2..C5 keyed "0".."3"."""
     x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
-    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for i, name in enumerate(STAGES):
         x = getattr(m, name)(x)
         out[str(i)] = x
@@ -215,7 +216,7 @@ class BackboneWithFPN(nn.Module):
         self.fpn = FeaturePyramidNetwork(list(in_channels), out_channels, extra_blocks=LastLevelMaxPool())
         self.out_channels = out_channels
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         return self.fpn(self.body(x))
 
 
@@ -301,7 +302,7 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
         levels = self.mapper(boxes)
         out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1]) + self.output_size)
-        for level, (feat, scale) in enumerate(zip(feats, self.level_scales)):
+        for level, (feat, scale) in enumerate(zip(feats, self.level_scales, strict=True)):
             idx = torch.where(levels == level)[0]
             pooled = roi_align(feat, rois[idx], self.output_size, spatial_scale=scale,
                                sampling_ratio=self.sampling_ratio, aligned=True)
@@ -369,7 +370,7 @@ class DetectionRoIHeads(RoIHeads):
         batch = self.fg_bg_sampler.batch_size_per_image
         max_pos = int(batch * self.fg_bg_sampler.positive_fraction)
         chosen = []
-        for loss, lab in zip(losses, labels):
+        for loss, lab in zip(losses, labels, strict=True):
             pos, neg = torch.where(lab >= 1)[0], torch.where(lab == 0)[0]
             pos = pos[loss[pos].argsort(descending=True, stable=True)[:max_pos]]
             neg = neg[loss[neg].argsort(descending=True, stable=True)[:batch - len(pos)]]
@@ -415,7 +416,7 @@ class DetectionRoIHeads(RoIHeads):
         }
         if self.has_mask():
             mask_proposals, pos_matched = [], []
-            for props, lab, idx in zip(proposals, labels, matched_idxs):
+            for props, lab, idx in zip(proposals, labels, matched_idxs, strict=True):
                 keep = torch.where(lab > 0)[0]
                 mask_proposals.append(props[keep])
                 pos_matched.append(idx[keep])
@@ -472,7 +473,7 @@ class DetectionTransform(GeneralizedRCNNTransform):
     """
 
     def __init__(self, min_size: int, max_size: int, train_min_sizes: Sequence[int] = (),
-                 train_max_size: Optional[int] = None, canvas: Optional[Sequence[int]] = None):
+                 train_max_size: int | None = None, canvas: Sequence[int] | None = None):
         super().__init__(min_size, max_size, list(IMAGE_MEAN), list(IMAGE_STD))
         self.eval_min_size = min_size
         self.train_min_sizes = tuple(train_min_sizes) or (min_size,)
@@ -527,7 +528,7 @@ class Detector(GeneralizedRCNN):
             return super().forward(images, targets)
         out: list[Any] = [None] * len(images)
         for idx in groups.values():
-            for i, det in zip(idx, super().forward([images[i] for i in idx])):
+            for i, det in zip(idx, super().forward([images[i] for i in idx]), strict=True):
                 out[i] = det
         return out
 

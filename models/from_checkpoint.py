@@ -11,7 +11,6 @@ config nor hidden options such as the demo's ``input_size=32`` are needed::
 from __future__ import annotations
 
 import os
-from typing import Union
 
 from torch import nn
 
@@ -19,7 +18,7 @@ from .registry import create_model
 from .weights import load_failure_reason, load_weights, torch_load_quiet
 
 
-def load_checkpoint(path: Union[str, os.PathLike]) -> nn.Module:
+def load_checkpoint(path: str | os.PathLike) -> nn.Module:
     """The model a trainer checkpoint describes, with its weights, in eval mode on the CPU.
 
     Args:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Mapping, Union
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -78,7 +78,7 @@ def convert_mmdet_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
-def load_detector_weights(model: nn.Module, source: Union[str, os.PathLike, Mapping[str, torch.Tensor]]) -> dict:
+def load_detector_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict:
     """Load a whole detector's weights: our checkpoints (``last.pth``/``best.pth``/bare state dicts) or an
     MMDetection 2 checkpoint (converted). BatchNorm counters absent on either side are ignored
     (``FrozenBatchNorm2d`` has none). Strict otherwise.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .resnet import ResNet
@@ -41,7 +41,7 @@ class ModelSpec:
     block: str
     layers: tuple[int, int, int, int]
     attention: str
-    eca_kernel: Optional[tuple[int, int, int, int]] = None  # per-stage ECA kernel of the released ECA-Net
+    eca_kernel: tuple[int, int, int, int] | None = None  # per-stage ECA kernel of the released ECA-Net
     options: tuple[str, ...] = ()
     attention_blocks: str = "all"
     strides: tuple[int, int, int, int] = (1, 2, 2, 2)
@@ -128,7 +128,7 @@ def check_options(name: str, options: Any) -> None:
                          f"{', '.join(takers)}); options of {name}: {', '.join(model_options(name))}")
 
 
-def create_model(name: str, num_classes: int = 1000, **kwargs: Any) -> "ResNet":
+def create_model(name: str, num_classes: int = 1000, **kwargs: Any) -> ResNet:
     """Build a registered model.
 
     Args:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence, Union
+from typing import Literal
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -47,9 +48,9 @@ class AttentionConfig:
     freq: FrequencySpec = "top16"
     dct_weights: str = "fixed"
     dct_init: str = "dct"
-    eca_kernel: Union[Sequence[int], None] = None
+    eca_kernel: Sequence[int] | None = None
     input_size: int = 224
-    grid: Optional[int] = None
+    grid: int | None = None
     mlp_bias: bool = False
     gsop_dim: int = 128
     frequencies: tuple = field(init=False, default=())
@@ -176,6 +177,24 @@ ATTENTION_BLOCKS = ("all", "last")
 STEM_STRIDE_LOG2 = {"imagenet": 2, "cifar": 0}
 
 
+def _check_arguments(block: str, layers: Sequence[int], num_classes: int, widths: Sequence[int], stem: str,
+                     strides: Sequence[int], attention_blocks: str) -> None:
+    """``ValueError`` naming the first bad :class:`ResNet` constructor argument."""
+    if block not in BLOCKS:
+        raise ValueError(f"unknown block {block!r}; expected one of {', '.join(BLOCKS)}")
+    if len(layers) != 4 or len(widths) != 4:
+        raise ValueError(f"layers and widths need 4 stages, got layers={list(layers)} widths={list(widths)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    if stem not in STEM_STRIDE_LOG2:
+        raise ValueError(f"unknown stem {stem!r}; expected one of {', '.join(STEM_STRIDE_LOG2)}")
+    if len(strides) != 4 or any(s not in (1, 2) for s in strides):
+        raise ValueError(f"strides needs 4 stage strides of 1 or 2, got {list(strides)}")
+    if attention_blocks not in ATTENTION_BLOCKS:
+        raise ValueError(f"unknown attention_blocks {attention_blocks!r}; expected one of "
+                         f"{', '.join(ATTENTION_BLOCKS)}")
+
+
 class ResNet(nn.Module):
     """ResNet with a per-block channel attention slot.
 
@@ -202,19 +221,7 @@ class ResNet(nn.Module):
                  zero_init_residual: bool = False, in_chans: int = 3, stem: str = "imagenet",
                  strides: Sequence[int] = DEFAULT_STRIDES, attention_blocks: str = "all"):
         super().__init__()
-        if block not in BLOCKS:
-            raise ValueError(f"unknown block {block!r}; expected one of {', '.join(BLOCKS)}")
-        if len(layers) != 4 or len(widths) != 4:
-            raise ValueError(f"layers and widths need 4 stages, got layers={list(layers)} widths={list(widths)}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
-        if stem not in STEM_STRIDE_LOG2:
-            raise ValueError(f"unknown stem {stem!r}; expected one of {', '.join(STEM_STRIDE_LOG2)}")
-        if len(strides) != 4 or any(s not in (1, 2) for s in strides):
-            raise ValueError(f"strides needs 4 stage strides of 1 or 2, got {list(strides)}")
-        if attention_blocks not in ATTENTION_BLOCKS:
-            raise ValueError(f"unknown attention_blocks {attention_blocks!r}; expected one of "
-                             f"{', '.join(ATTENTION_BLOCKS)}")
+        _check_arguments(block, layers, num_classes, widths, stem, strides, attention_blocks)
         block_cls = BLOCKS[block]
         self.attention = attention
         self.num_classes = num_classes
@@ -230,25 +237,34 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         inplanes = widths[0]
-        for stage, (planes, blocks, stride) in enumerate(zip(widths, layers, strides)):
-            stage_blocks = []
-            for i in range(blocks):
-                downsample = None
-                if i == 0 and (stride != 1 or inplanes != planes * block_cls.expansion):
-                    downsample = nn.Sequential(
-                        nn.Conv2d(inplanes, planes * block_cls.expansion, 1, stride, bias=False),
-                        nn.BatchNorm2d(planes * block_cls.expansion))
-                if attention_blocks == "all" or i == blocks - 1:
-                    att = attention.build(planes * block_cls.expansion, stage, stem, strides)
-                else:
-                    att = nn.Identity()
-                stage_blocks.append(block_cls(inplanes, planes, stride if i == 0 else 1, downsample, att))
-                inplanes = planes * block_cls.expansion
-            self.add_module(f"layer{stage + 1}", nn.Sequential(*stage_blocks))
+        for stage, (planes, blocks, stride) in enumerate(zip(widths, layers, strides, strict=True)):
+            self.add_module(f"layer{stage + 1}", self._make_stage(block_cls, inplanes, planes, blocks, stride, stage))
+            inplanes = planes * block_cls.expansion
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
         self.num_features = inplanes
+        self._init_weights(zero_init_residual)
 
+    def _make_stage(self, block_cls: type, inplanes: int, planes: int, blocks: int, stride: int,
+                    stage: int) -> nn.Sequential:
+        """Stage ``stage`` (0-based): ``blocks`` residual blocks; the first strides and projects the shortcut
+        when the shape changes, the attention slot follows ``self.attention_blocks``."""
+        stage_blocks = []
+        for i in range(blocks):
+            downsample = None
+            if i == 0 and (stride != 1 or inplanes != planes * block_cls.expansion):
+                downsample = nn.Sequential(
+                    nn.Conv2d(inplanes, planes * block_cls.expansion, 1, stride, bias=False),
+                    nn.BatchNorm2d(planes * block_cls.expansion))
+            if self.attention_blocks == "all" or i == blocks - 1:
+                att = self.attention.build(planes * block_cls.expansion, stage, self.stem, self.strides)
+            else:
+                att = nn.Identity()
+            stage_blocks.append(block_cls(inplanes, planes, stride if i == 0 else 1, downsample, att))
+            inplanes = planes * block_cls.expansion
+        return nn.Sequential(*stage_blocks)
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
         # torchvision's initialisation, so a from-scratch run matches the reference recipe.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

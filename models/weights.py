@@ -20,7 +20,7 @@ import re
 import warnings
 import zipfile
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -123,10 +123,10 @@ LAYOUTS = (
 
 class StateDict(dict):
     """A normalised ``{key: tensor}``; ``layout`` names the foreign attention layout it was mapped from (or None)."""
-    layout: Optional[AttentionLayout] = None
+    layout: AttentionLayout | None = None
 
 
-def _map_layouts(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Optional[AttentionLayout]]:
+def _map_layouts(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], AttentionLayout | None]:
     """Rename the keys of a recognised foreign attention layout to ours, strictly (one-line ValueError on a key
     of the layout that no rule maps, or on two layouts in one checkpoint)."""
     found = [lay for lay in LAYOUTS if any(re.search(lay.namespace, k) for k in state)]
@@ -199,7 +199,7 @@ def _pickle_globals(data: bytes) -> list[str]:
     return found
 
 
-def torch_load_quiet(path: Union[str, os.PathLike]) -> object:
+def torch_load_quiet(path: str | os.PathLike) -> object:
     """``torch.load(path, weights_only=True)`` on the CPU, without the warning a plain (non-torch) pickle
     triggers (the failure is then explained by :func:`load_failure_reason`)."""
     with warnings.catch_warnings():
@@ -207,7 +207,7 @@ def torch_load_quiet(path: Union[str, os.PathLike]) -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_failure_reason(path: Union[str, os.PathLike], exc: BaseException) -> str:
+def load_failure_reason(path: str | os.PathLike, exc: BaseException) -> str:
     """Why ``torch.load(path, weights_only=True)`` failed, as one line for the user.
 
     ``not a PyTorch checkpoint`` (any other file), ``truncated or corrupt (...)`` (a damaged torch zip),
@@ -248,7 +248,7 @@ def load_failure_reason(path: Union[str, os.PathLike], exc: BaseException) -> st
     return "is not a PyTorch checkpoint"
 
 
-def read_state_dict(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]]) -> StateDict:
+def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> StateDict:
     """Load ``source`` (path or mapping) and normalise it to a flat ``{key: tensor}`` with prefixes removed and
     foreign attention layouts (:data:`LAYOUTS`) renamed to ours; ``.layout`` of the result names the layout."""
     if isinstance(source, (str, os.PathLike)):

@@ -33,7 +33,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -175,7 +175,7 @@ def paper_rows() -> list[dict]:
     return rows
 
 
-def model_name(row: dict) -> Optional[str]:
+def model_name(row: dict) -> str | None:
     family = FAMILIES[row["method"]]
     return None if family is None else f"{family}{row['backbone'].split('-')[1]}"
 
@@ -265,7 +265,8 @@ def summary(rows: list[dict], measured: dict[str, Measure]) -> str:
     verdicts = []
     for label, get in (("GMACs", lambda m: m.macs), ("layers", lambda m: m.layers), ("all ops", lambda m: m.all_ops)):
         diffs = [(model_name(r), get(m) - float(r["flops_G"])) for r, m in built]
-        off = [(n, d) for (r, m), (n, d) in zip(built, diffs) if f"{get(m):.2f}" != f"{float(r['flops_G']):.2f}"]
+        off = [(n, d) for (r, m), (n, d) in zip(built, diffs, strict=True)
+               if f"{get(m):.2f}" != f"{float(r['flops_G']):.2f}"]
         lo, hi = min(d for _, d in diffs), max(d for _, d in diffs)
         if not off:
             verdicts.append(f"**{label}: every measured row equals the paper's figure at its printed precision** "

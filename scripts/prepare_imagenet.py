@@ -45,7 +45,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 TRAIN_IMAGES, VAL_IMAGES, CLASSES = 1_281_167, 50_000, 1_000
 VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})\.JPEG$")
@@ -92,24 +92,24 @@ def _inner_files(f, train_tar: str | Path, wnid: str, offset: int, size: int):
     f.seek(offset)
     seen: dict[str, str] = {}
     try:
-        inner = tarfile.open(fileobj=f, mode="r:")
-        for m in inner:
-            if m.offset_data + m.size > offset + size:
-                raise PrepareError(f"{train_tar}: {wnid}.tar is truncated or corrupt (member {m.name!r} runs "
-                                   "past its end)")
-            if not m.isfile():  # links, folders, devices: never extracted
-                continue
-            # Only the member's last path component is used: "../../x.JPEG" or "/etc/x.JPEG" cannot leave the
-            # class folder. Hidden names and two members with one file name (one would overwrite the other)
-            # are refused.
-            name = os.path.basename(m.name)
-            if not name or name.startswith("."):
-                raise PrepareError(f"{train_tar}: {wnid}.tar: unexpected member name {m.name!r}")
-            if name in seen:
-                raise PrepareError(f"{train_tar}: {wnid}.tar: members {seen[name]!r} and {m.name!r} share the file "
-                                   f"name {name!r}")
-            seen[name] = m.name
-            yield inner, m, name
+        with tarfile.open(fileobj=f, mode="r:") as inner:  # leaves f open: tarfile never closes a given fileobj
+            for m in inner:
+                if m.offset_data + m.size > offset + size:
+                    raise PrepareError(f"{train_tar}: {wnid}.tar is truncated or corrupt (member {m.name!r} runs "
+                                       "past its end)")
+                if not m.isfile():  # links, folders, devices: never extracted
+                    continue
+                # Only the member's last path component is used: "../../x.JPEG" or "/etc/x.JPEG" cannot leave the
+                # class folder. Hidden names and two members with one file name (one would overwrite the other)
+                # are refused.
+                name = os.path.basename(m.name)
+                if not name or name.startswith("."):
+                    raise PrepareError(f"{train_tar}: {wnid}.tar: unexpected member name {m.name!r}")
+                if name in seen:
+                    raise PrepareError(f"{train_tar}: {wnid}.tar: members {seen[name]!r} and {m.name!r} share the file "
+                                       f"name {name!r}")
+                seen[name] = m.name
+                yield inner, m, name
     except tarfile.TarError as e:
         raise PrepareError(f"{train_tar}: {wnid}.tar is not a readable tar ({e})") from None
 
@@ -420,8 +420,7 @@ def lock_output(out: Path):
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_NAME
-    f = open(path, "a+")
-    try:
+    with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -434,8 +433,6 @@ def lock_output(out: Path):
         f.write(f"{os.getpid()}\n")
         f.flush()
         yield
-    finally:
-        f.close()
 
 
 def main(argv: list[str] | None = None) -> int:

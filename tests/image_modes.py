@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -18,7 +17,7 @@ class ModeCase:
     ext: str                # file extension (ImageFolder picks files by extension)
     data: bytes
     mode: str               # the PIL mode the file opens as
-    expected: Optional[np.ndarray]  # uint8 (H, W, 3); None: the file must be refused
+    expected: np.ndarray | None  # uint8 (H, W, 3); None: the file must be refused
     tol: int = 0            # max abs error (lossy JPEG, or 16-bit PNG truncated vs rounded)
 
 

@@ -42,6 +42,7 @@ Or by hand (a cluster for experiments, stopped with Ctrl-C)::
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -52,7 +53,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import pytest
 
@@ -68,7 +69,7 @@ class SlurmError(RuntimeError):
     """A Slurm command failed, or the cluster did not come up / a job did not finish in time."""
 
 
-def missing_requirements() -> Optional[str]:
+def missing_requirements() -> str | None:
     """Why a cluster cannot be started here (one line), or None."""
     missing = [tool for tool in REQUIRED if shutil.which(tool, path=_sbin_path()) is None]
     if missing:
@@ -144,14 +145,14 @@ class SlurmCluster:
     node: str
     cpus: int = field(default_factory=nproc)  # the debug node's CPUs
     multi_nodes: list[str] = field(default_factory=list)
-    multi_reason: Optional[str] = None  # why there is no 'multi' partition
+    multi_reason: str | None = None  # why there is no 'multi' partition
     daemons: list[_Daemon] = field(default_factory=list)
 
     free_port = staticmethod(free_port)
 
     # -- commands --------------------------------------------------------------------------------
     def run(self, args: Sequence[str], check: bool = True, timeout: float = 60.0, cwd=None,
-            env: Optional[dict] = None) -> subprocess.CompletedProcess:
+            env: dict | None = None) -> subprocess.CompletedProcess:
         """Run a Slurm client command (``["scontrol", ...]``) against this cluster."""
         full_env = {**self.env, **(env or {}), "SLURM_CONF": self.env["SLURM_CONF"]}
         proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, cwd=cwd, env=full_env)
@@ -160,7 +161,7 @@ class SlurmCluster:
             raise SlurmError(f"{shlex.join(args)}: exit {proc.returncode}: {message}")
         return proc
 
-    def sbatch(self, args: Sequence[str], cwd=None, env: Optional[dict] = None) -> str:
+    def sbatch(self, args: Sequence[str], cwd=None, env: dict | None = None) -> str:
         """``sbatch --parsable ARGS``; returns the job id."""
         out = self.run(["sbatch", "--parsable", *args], cwd=cwd, env=env).stdout.strip()
         return out.split(";")[0]
@@ -219,10 +220,8 @@ class SlurmCluster:
     def stop(self) -> None:
         """Cancel all jobs, then stop the daemons this object started (by pid; SIGKILL after 20 s)."""
         if any(d.name == "slurmctld" and d.proc.poll() is None for d in self.daemons):
-            try:
+            with contextlib.suppress(SlurmError, subprocess.SubprocessError, OSError):
                 self.cancel_all()
-            except (SlurmError, subprocess.SubprocessError, OSError):
-                pass
         for daemon in reversed(self.daemons):  # slurmd(s), then slurmctld, then munged
             if daemon.proc.poll() is None:
                 daemon.proc.send_signal(signal.SIGTERM)

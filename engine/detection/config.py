@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from engine.config import ConfigError, DebugConfig, _build, _f, apply_overrides, load_yaml_tree
 
@@ -18,7 +18,7 @@ from engine.config import ConfigError, DebugConfig, _build, _f, apply_overrides,
 class DetModelConfig:
     arch: str = _f("faster_rcnn", choices=("faster_rcnn", "mask_rcnn"))
     backbone: str = _f("resnet50", help="models.create_model name (resnet50, senet50, ecanet50, fcanet50, ...)")
-    kwargs: Dict[str, Any] = _f(default_factory=dict, help="extra create_model arguments of the backbone")
+    kwargs: dict[str, Any] = _f(default_factory=dict, help="extra create_model arguments of the backbone")
     num_classes: int = _f(81, min=2, help="classes including the background (COCO: 80 + 1)")
     frozen_stages: int = _f(1, min=-1, max=4, help="-1 none, 0 the stem, k the stem and layer1..k")
     norm: str = _f("frozen_stats", choices=("frozen_stats", "frozen", "train"))
@@ -30,12 +30,12 @@ class DetModelConfig:
     rcnn_sampler: str = _f("random", choices=("random", "ohem"))
     fpn_channels: int = _f(256, min=1)
     box_head_dim: int = _f(1024, min=1)
-    mask_head_channels: List[int] = _f(default_factory=lambda: [256, 256, 256, 256])
-    anchor_sizes: List[int] = _f(default_factory=lambda: [32, 64, 128, 256, 512])
+    mask_head_channels: list[int] = _f(default_factory=lambda: [256, 256, 256, 256])
+    anchor_sizes: list[int] = _f(default_factory=lambda: [32, 64, 128, 256, 512])
     # ImageNet weights of the backbone (ours, torchvision's, the authors' FcaNet .pth); null: random init.
-    backbone_checkpoint: Optional[str] = _f(None)
+    backbone_checkpoint: str | None = _f(None)
     # Whole-detector weights to start from (ours, or an MMDetection 2 checkpoint); ignored when resuming.
-    init_checkpoint: Optional[str] = _f(None)
+    init_checkpoint: str | None = _f(None)
 
 
 @dataclass
@@ -45,9 +45,9 @@ class DetOptimConfig:
     weight_decay: float = _f(1e-4, min=0.0)
     warmup_iters: int = _f(500, min=0)
     warmup_ratio: float = _f(0.001, min=0.0, max=1.0, help="lr factor at the first warmup iteration")
-    lr_steps: List[int] = _f(default_factory=lambda: [8, 11], help="epochs after which the lr is multiplied by gamma")
+    lr_steps: list[int] = _f(default_factory=lambda: [8, 11], help="epochs after which the lr is multiplied by gamma")
     lr_gamma: float = _f(0.1, min=0.0)
-    grad_clip: Optional[float] = _f(None, min=0.0, help="max gradient norm (null: none)")
+    grad_clip: float | None = _f(None, min=0.0, help="max gradient norm (null: none)")
 
 
 @dataclass
@@ -57,10 +57,10 @@ class DetTrainConfig:
     amp: str = _f("bf16", choices=("bf16", "fp16", "off"))
     checkpoint_every_steps: int = _f(0, min=0)
     log_every_steps: int = _f(20, min=1)
-    max_steps_per_epoch: Optional[int] = _f(None, min=1)
+    max_steps_per_epoch: int | None = _f(None, min=1)
     eval_every_epochs: int = _f(1, min=1)
     progress: bool = _f(True)
-    cpu_threads: Optional[int] = _f(None, min=1)
+    cpu_threads: int | None = _f(None, min=1)
     tensorboard: bool = _f(True)
 
 
@@ -71,16 +71,16 @@ class DetDataConfig:
     val_split: str = _f("val2017")
     min_size: int = _f(800, min=1)
     max_size: int = _f(1333, min=1)
-    train_min_sizes: List[int] = _f(default_factory=list, help="multi-scale training: a shorter side per image")
-    train_max_size: Optional[int] = _f(None, min=1)
-    canvas: Optional[List[int]] = _f(None, help="[H, W] fixed padding canvas (authors: [800, 1333]); null: off")
+    train_min_sizes: list[int] = _f(default_factory=list, help="multi-scale training: a shorter side per image")
+    train_max_size: int | None = _f(None, min=1)
+    canvas: list[int] | None = _f(None, help="[H, W] fixed padding canvas (authors: [800, 1333]); null: off")
     flip: float = _f(0.5, min=0.0, max=1.0)
     group_aspect_ratio: bool = _f(True)
-    workers: Optional[int] = _f(None, min=0)
+    workers: int | None = _f(None, min=0)
     val_batch_size: int = _f(1, min=1)
-    max_val_images: Optional[int] = _f(None, min=1, help="evaluate on the first N val images only (smoke tests)")
+    max_val_images: int | None = _f(None, min=1, help="evaluate on the first N val images only (smoke tests)")
     evaluator: str = _f("faster_coco_eval", choices=("faster_coco_eval", "pycocotools"))
-    prepare: Optional[str] = _f(None, choices=("shapes",), help="write a built-in data set under root first")
+    prepare: str | None = _f(None, choices=("shapes",), help="write a built-in data set under root first")
 
 
 @dataclass
@@ -90,7 +90,7 @@ class DetConfig:
     train: DetTrainConfig = field(default_factory=DetTrainConfig)
     data: DetDataConfig = field(default_factory=DetDataConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)  # the ImageNet trainer's fault-injection hooks
-    output_dir: Optional[str] = _f(None)
+    output_dir: str | None = _f(None)
     seed: int = _f(0, min=0, max=2**32 - 1)
 
     def to_dict(self) -> dict:

@@ -18,7 +18,8 @@ import contextlib
 import io
 import math
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -107,7 +108,7 @@ class CocoDetectionSet(Dataset):
     """
 
     def __init__(self, root: str | Path, split: str, train: bool, with_masks: bool = False, flip: float = 0.5,
-                 max_images: Optional[int] = None):
+                 max_images: int | None = None):
         self.root, self.split, self.train, self.with_masks, self.flip = Path(root), split, train, with_masks, flip
         self.index = load_coco_index(root, split)
         coco = self.index.coco
@@ -206,7 +207,7 @@ class GroupedTrainBatchSampler(Sampler):
     """
 
     def __init__(self, landscape: np.ndarray, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
-                 group: bool = True, max_steps: Optional[int] = None):
+                 group: bool = True, max_steps: int | None = None):
         self.groups = np.asarray(landscape, dtype=bool) if group else np.zeros(len(landscape), dtype=bool)
         self.batch_size, self.world_size, self.rank, self.seed = batch_size, world_size, rank, seed
         per = batch_size * world_size
@@ -244,7 +245,7 @@ class GroupedTrainBatchSampler(Sampler):
         return max(0, self.steps - self.start_step)
 
 
-def make_loader(dataset: Dataset, batch_sampler: Sampler, workers: Optional[int]) -> torch.utils.data.DataLoader:
+def make_loader(dataset: Dataset, batch_sampler: Sampler, workers: int | None) -> torch.utils.data.DataLoader:
     """A DataLoader over ``batch_sampler`` (``workers=None``: the CPUs of this process's share, minus one)."""
     import os
 

@@ -16,7 +16,7 @@ import copy
 import io
 import time
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,13 +38,13 @@ def to_coco_results(det: dict, image_id: int, cat_ids: list[int]) -> list[dict]:
     scores = det["scores"].float().cpu().tolist()
     labels = det["labels"].cpu().tolist()
     out = [{"image_id": int(image_id), "category_id": int(cat_ids[label - 1]), "bbox": [float(v) for v in box],
-            "score": float(score)} for box, score, label in zip(xywh, scores, labels)]
+            "score": float(score)} for box, score, label in zip(xywh, scores, labels, strict=True)]
     if "masks" in det and len(out):
         from faster_coco_eval.core import mask as mask_utils
 
         binary = (det["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)  # (N, H, W)
         rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
-        for r, rle in zip(out, rles):
+        for r, rle in zip(out, rles, strict=True):
             r["segmentation"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
     return out
 
@@ -76,12 +76,12 @@ def coco_evaluate(gt_dataset: dict, results: list[dict], iou_type: str, image_id
         ev.accumulate()
         ev.summarize()
     # COCO reports -1 where a size range has no ground truth: None (JSON null) here.
-    return {name: (float(v) * 100.0 if v >= 0 else None) for name, v in zip(STAT_NAMES, ev.stats[:6])}
+    return {name: (float(v) * 100.0 if v >= 0 else None) for name, v in zip(STAT_NAMES, ev.stats[:6], strict=True)}
 
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, cat_ids: list[int], amp: str = "off",
-            desc: Optional[str] = None) -> list[tuple[int, list[dict]]]:
+            desc: str | None = None) -> list[tuple[int, list[dict]]]:
     """This rank's ``(dataset index, COCO results)`` for every image of ``loader``."""
     was_training = model.training
     model.eval()
@@ -92,7 +92,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device, cat_ids: list[
             images = [img.to(device, non_blocking=True).float().div_(255) for img, _ in batch]
             with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16), enabled=amp != "off"):
                 dets = model(images)
-            for (_, target), det in zip(batch, dets):
+            for (_, target), det in zip(batch, dets, strict=True):
                 out.append((int(target["index"]), to_coco_results(det, target["image_id"], cat_ids)))
             progress.update()
     finally:

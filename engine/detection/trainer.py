@@ -16,7 +16,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -121,7 +121,7 @@ def check_device(cfg: DetConfig, info: dist_lib.DistInfo) -> None:
 class DetTrainer:
     """Holds a detection run's parts and state, and runs its loops (see the module docstring)."""
 
-    def __init__(self, cfg: DetConfig, info: dist_lib.DistInfo, found: Optional[tuple[dict, Path]]):
+    def __init__(self, cfg: DetConfig, info: dist_lib.DistInfo, found: tuple[dict, Path] | None):
         self.cfg, self.info, self.device = cfg, info, info.device
         self.run_dir = Path(cfg.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -259,7 +259,7 @@ class DetTrainer:
             raise NonFiniteLossError(f"non-finite training loss by global step {self.state.global_step} (epoch "
                                      f"{self.state.epoch + 1}){kept}; lower optim.base_lr or check the data")
         n = max(values[-3], 1.0)
-        means = {k: v / n for k, v in zip(self.loss_keys, values)}
+        means = {k: v / n for k, v in zip(self.loss_keys, values[:-3], strict=True)}  # [losses..., n, bad, stop]
         means["loss"] = sum(means[k] for k in self.loss_keys)
         return means, values[-1] > 0
 
@@ -271,7 +271,7 @@ class DetTrainer:
             os.kill(os.getpid(), signal.SIGTERM)
 
     # -- loops ------------------------------------------------------------------------------------------------
-    def train_epoch(self, preempt: Preemption) -> Optional[dict]:
+    def train_epoch(self, preempt: Preemption) -> dict | None:
         """The rest of the current epoch; its mean losses, or None after a stop request (checkpointed)."""
         cfg, st = self.cfg, self.state
         self.sampler.set_epoch(st.epoch, st.step_in_epoch)
@@ -433,7 +433,7 @@ def _check_structure(saved: dict, cfg: DetConfig, path: Path) -> None:
 
 
 
-def fit(cfg: DetConfig, resume: Optional[str] = None) -> dict:
+def fit(cfg: DetConfig, resume: str | None = None) -> dict:
     """Train ``cfg`` in ``cfg.output_dir`` (auto-resuming); the summary, or ``{"status": "preempted"}``."""
     info = dist_lib.init_distributed()
     trainer, lock = None, None

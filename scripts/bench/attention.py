@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -232,7 +232,7 @@ def bench_models(args, device: torch.device) -> tuple[str, dict]:
             for n in names]
     table = md_table(["model", "ms/step (median)", "img/s", "throughput vs ResNet-50", "throughput vs SENet-50",
                       "FcaNet-50 throughput vs this", "step peak MiB", "peak vs FcaNet-50 (ours)"], rows)
-    per_round = [s / f for s, f in zip(times["senet50"], times["fcanet50"])]
+    per_round = [s / f for s, f in zip(times["senet50"], times["fcanet50"], strict=True)]
     return table, {"fca_vs_se": med["senet50"] / med["fcanet50"], "per_round": per_round,
                    "fig3_speed": med["fcanet50 (Fig. 3 pooling)"] / med["fcanet50"],
                    "fused_speed": med["fcanet50 (scale, then add)"] / med["fcanet50"]}

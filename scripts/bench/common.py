@@ -10,7 +10,8 @@ import shlex
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -31,7 +32,7 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def machine_description(device: Optional[torch.device] = None) -> list[str]:
+def machine_description(device: torch.device | None = None) -> list[str]:
     """Lines describing the hardware and software the figures were measured on."""
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -190,7 +191,7 @@ def write_jpeg_imagefolder(root: Path, sizes: Sequence[tuple[int, int]], per_cla
 
 
 def interleaved_rates(fns: dict[Any, Callable[[], Any]], seconds: float, slice_s: float = 0.05,
-                      device: Optional[torch.device] = None) -> dict[Any, tuple[float, float]]:
+                      device: torch.device | None = None) -> dict[Any, tuple[float, float]]:
     """``{key: (calls per CPU-second, calls per wall-second)}`` of each function, measured interleaved: the
     functions take turns in slices of about ``slice_s`` (the order rotating every pass) until each has run
     about ``seconds``, so that a change of machine load hits all of them alike. CPU time is this process's
@@ -264,7 +265,7 @@ def make_train_step(model: torch.nn.Module, device: torch.device, precision: str
 
 
 def interleaved_step_times(steps: dict[str, Callable[[], Any]], device: torch.device, rounds: int, n_steps: int,
-                           label: str = "round", peaks: Optional[dict[str, int]] = None) -> dict[str, list[float]]:
+                           label: str = "round", peaks: dict[str, int] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each step function (:func:`step_clock`), over ``rounds`` rounds in which every
     function runs ``n_steps`` times in turn (interleaved, so that a change of machine load hits them alike);
     one list per name, each round printed as ``label``. With ``peaks`` on CUDA, each name's peak allocated
@@ -288,7 +289,7 @@ def interleaved_step_times(steps: dict[str, Callable[[], Any]], device: torch.de
     return times
 
 
-def resolve_precision(precision: Optional[str], device: torch.device) -> str:
+def resolve_precision(precision: str | None, device: torch.device) -> str:
     """``None`` -> bf16 on CUDA, fp32 elsewhere; fp16 needs CUDA (GradScaler)."""
     precision = precision or ("bf16" if device.type == "cuda" else "fp32")
     if precision == "fp16" and device.type != "cuda":

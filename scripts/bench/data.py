@@ -81,12 +81,16 @@ def _dataloader_rate(pipeline: str, kind: str, root: Path, args, workers: int) -
     return n / dt, worker_cpu / max(total, 1)
 
 
-def run(args) -> None:
+def _check_args(args) -> None:
     from engine.data import transforms as tr
     if args.image_size < 1 or args.resize < args.image_size:
         raise BenchError(f"--resize ({args.resize}) must be >= --image-size ({args.image_size}) >= 1")
     if args.crop not in tr.CROP_RECIPES:
         raise BenchError(f"--crop: unknown recipe {args.crop!r}; expected one of {', '.join(tr.CROP_RECIPES)}")
+
+
+def run(args) -> None:
+    _check_args(args)
     sizes = parse_sizes(args.sizes)
     n_workers = args.workers or available_cpus()
     machine = machine_description()
@@ -158,7 +162,7 @@ def run(args) -> None:
             for workers in worker_counts:
                 for kind in ("train", "val"):
                     ref, fast = res[(workers, kind, "torchvision")], res[(workers, kind, "fast")]
-                    ratio = statistics.median(a[0] / b[0] for a, b in zip(fast, ref))
+                    ratio = statistics.median(a[0] / b[0] for a, b in zip(fast, ref, strict=True))
                     ref_cpu = statistics.median(x[1] for x in ref)
                     fast_cpu = statistics.median(x[1] for x in fast)
                     rows.append([kind, f"{w}x{h}", workers, f"{statistics.median(x[0] for x in ref):.0f}",

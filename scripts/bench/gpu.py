@@ -27,7 +27,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -95,6 +95,34 @@ def _builders(args) -> dict[str, Callable[[], torch.nn.Module]]:
     return out
 
 
+def _add_compiled_steps(args, builders: dict, names: list[str], device: torch.device, budget: Budget,
+                        images: torch.Tensor, targets: torch.Tensor, steps: dict, notes: dict, warm: dict) -> None:
+    """Compile each model of ``names`` with one step on ``images``: success adds ``steps["<name> compiled"]``
+    and its compile time (s) to ``warm``; a skip (no CUDA, time budget) or a failure becomes its ``notes``."""
+    cuda = device.type == "cuda"
+    for n in names:
+        label = f"{n} compiled"
+        if not cuda and not args.compile_on_cpu:
+            notes[label] = NEEDS_CUDA
+            continue
+        if not budget.ok(f"compiling {n}", need_s=60.0):
+            notes[label] = "skipped (time budget)"
+            continue
+        torch.manual_seed(0)
+        step = make_train_step(builders[n](), device, args.precision, args.channels_last, compile_model=True)
+        sync(device)
+        t0 = time.perf_counter()
+        try:
+            step(images, targets)  # compiles forward and backward
+            sync(device)
+        except Exception as e:  # a compile failure is a result to report, not a crash of the benchmark
+            notes[label] = f"failed: {str(e).splitlines()[0][:200]}"
+            continue
+        warm[label] = time.perf_counter() - t0
+        print(f"  {label}: first step (compilation) {warm[label]:.1f} s")
+        steps[label] = step
+
+
 def bench_steps(args, device: torch.device, budget: Budget) -> tuple[str, dict[str, float]]:
     """Section 1; returns its Markdown and {variant label: median img/s} (used by section 3's ratios)."""
     cuda = device.type == "cuda"
@@ -121,34 +149,15 @@ def bench_steps(args, device: torch.device, budget: Budget) -> tuple[str, dict[s
                     make_train_step(builders[n](), device, args.precision, args.channels_last))
             else:
                 notes[n + CUDNN_OFF] = NEEDS_CUDA
-        for n in compile_names:
-            label = f"{n} compiled"
-            if not cuda and not args.compile_on_cpu:
-                notes[label] = NEEDS_CUDA
-                continue
-            if not budget.ok(f"compiling {n}", need_s=60.0):
-                notes[label] = "skipped (time budget)"
-                continue
-            torch.manual_seed(0)
-            step = make_train_step(builders[n](), device, args.precision, args.channels_last, compile_model=True)
-            sync(device)
-            t0 = time.perf_counter()
-            try:
-                step(images, targets)  # compiles forward and backward
-                sync(device)
-            except Exception as e:  # a compile failure is a result to report, not a crash of the benchmark
-                notes[label] = f"failed: {str(e).splitlines()[0][:200]}"
-                continue
-            warm[label] = time.perf_counter() - t0
-            print(f"  {label}: first step (compilation) {warm[label]:.1f} s")
-            steps[label] = step
-        for n, step in steps.items():  # warm-up: allocator, cuDNN autotuning, compiled graphs' second call
+        _add_compiled_steps(args, builders, compile_names, device, budget, images, targets, steps, notes, warm)
+        for step in steps.values():  # warm-up: allocator, cuDNN autotuning, compiled graphs' second call
             for _ in range(args.warmup):
                 step(images, targets)
         sync(device)
         peak: dict[str, int] = {}
-        times = interleaved_step_times({n: (lambda f=f: f(images, targets)) for n, f in steps.items()}, device,
-                                       args.rounds, args.steps, label=f"batch {batch} round", peaks=peak)
+        # each closure binds this batch's inputs (it runs before the next batch size replaces them)
+        bound = {n: (lambda f=f, x=images, y=targets: f(x, y)) for n, f in steps.items()}
+        times = interleaved_step_times(bound, device, args.rounds, args.steps, label=f"batch {batch} round", peaks=peak)
         ips = {n: [batch / t for t in times[n]] for n in steps}
         med = {n: statistics.median(v) for n, v in ips.items()}
         for n, v in med.items():

@@ -64,9 +64,9 @@ def run(args) -> None:
     if "fcanet50" in med and "senet50" in med:
         ratio = med["fcanet50"] / med["senet50"]
         verdict = target_verdict(args, ratio >= 0.97, "the 3% target")
+        per_round = zip(ips["fcanet50"], ips["senet50"], strict=True)
         body += (f"\n\nFcaNet-50 / SENet-50 training throughput: **{ratio:.3f}** ({verdict}; "
-                 f"per-round ratios: " + ", ".join(f"{a / b:.3f}" for a, b in zip(ips['fcanet50'], ips['senet50']))
-                 + ").")
+                 f"per-round ratios: " + ", ".join(f"{a / b:.3f}" for a, b in per_round) + ").")
     print("\n" + body)
     write_report(args, "train.md", "Training-step throughput", machine, body)
 

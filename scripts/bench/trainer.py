@@ -9,7 +9,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -138,7 +138,7 @@ def run(args) -> None:
     ref = "reference recipe"
     rows = []
     for v in variants:
-        ratio = statistics.median(a / b for a, b in zip(res[v], res[ref]))
+        ratio = statistics.median(a / b for a, b in zip(res[v], res[ref], strict=True))
         rows.append([v, f"{statistics.median(res[v]):.2f}", f"**{ratio:.2f}x**" if v != ref else "1.00x",
                      "; ".join(detail[v])])
     table = md_table(["trainer", "train img/s (median)", "vs reference", "img/s per epoch (first = warm-up)"], rows)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from ablation.studies import Plan, Run
 
@@ -10,8 +10,8 @@ MACHINE = {"device": "cpu", "cpu_model": "Synthetic CPU", "torch_version": "2.0.
            "git_commit": "0123456789abcdef"}
 
 
-def write_run(run: Run, best: float, final: Optional[float] = None, machine: Optional[dict] = None,
-              curve: Optional[list[float]] = None) -> None:
+def write_run(run: Run, best: float, final: float | None = None, machine: dict | None = None,
+              curve: list[float] | None = None) -> None:
     """summary.json (as the trainer writes it) and ablation.json (as the runner writes it) of a finished run."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
     summary = {"status": "complete", "best_top1": best, "final_top1": best if final is None else final,
@@ -23,7 +23,7 @@ def write_run(run: Run, best: float, final: Optional[float] = None, machine: Opt
         (run.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def fill(plan: Plan, value: Callable[[Run], float], machine: Optional[dict] = None) -> None:
+def fill(plan: Plan, value: Callable[[Run], float], machine: dict | None = None) -> None:
     """Every run of the plan finished with ``value(run)`` as its best-epoch top-1 (final = best - 0.1)."""
     for run in plan.runs:
         v = value(run)

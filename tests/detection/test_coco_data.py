@@ -20,7 +20,7 @@ def test_shapes_set_loads_with_contiguous_labels_and_consistent_flips(shapes_roo
         assert image.dtype == torch.uint8 and image.shape[0] == 3
         assert t["labels"].min() >= 1 and t["labels"].max() <= 3
         assert t["masks"].shape == (len(t["boxes"]),) + tuple(image.shape[-2:])
-        for box, mask in zip(t["boxes"], t["masks"]):  # box = the (possibly flipped) mask's extent
+        for box, mask in zip(t["boxes"], t["masks"], strict=True):  # box = the (possibly flipped) mask's extent
             ys, xs = torch.where(mask > 0)
             assert torch.allclose(box, torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float())
     ds.with_masks = False
@@ -43,7 +43,7 @@ def test_sampler_is_deterministic_grouped_and_resumable():
         for r in ranks:
             r.set_epoch(epoch)
         shards = [list(r) for r in ranks]
-        assert [a + b for a, b in zip(*shards)] == plan
+        assert [a + b for a, b in zip(*shards, strict=True)] == plan
         ranks[0].set_epoch(epoch, start_step=2)
         assert list(ranks[0]) == shards[0][2:]
     assert ranks[0].plan(0) != ranks[0].plan(1)

@@ -116,10 +116,8 @@ def test_modes_without_8bit_range_are_refused_in_training(finished_run, tmp_path
     # summary must survive. (The resolved config.yaml describes the relaunch, the trainer's business.)
     before = checksums(out, bad, skip=("config*.yaml",))
     args = _train_args(bad, out, "train.epochs=2", "train.warmup_epochs=0")
-    if case is REFUSED[0]:  # once as the script: a process stopped mid-training exits 2 with one line
-        r = run_cli("train_imagenet.py", args)
-    else:
-        r = run_main("train_imagenet.py", args, capsys)
+    # once as the script (a process stopped mid-training exits 2 with one line), else in this process
+    r = run_cli("train_imagenet.py", args) if case is REFUSED[0] else run_main("train_imagenet.py", args, capsys)
     assert_refused(r, f"zz_{case.name}{case.ext}", f"mode '{case.mode}'")
     assert checksums(out, bad, skip=("config*.yaml",)) == before
 

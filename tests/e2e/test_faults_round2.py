@@ -56,7 +56,7 @@ def test_trivial_commands_answer_without_importing_torch():
     assert rc == 0 and "train.epochs: int; default 100; >= 1\n    epochs to train" in text
     lines = text.splitlines()  # every key, then its help line
     assert len(lines) > 40
-    assert all(not k.startswith(" ") and h.startswith("    ") for k, h in zip(lines[::2], lines[1::2]))
+    assert all(not k.startswith(" ") and h.startswith("    ") for k, h in zip(lines[::2], lines[1::2], strict=True))
     assert r["print_config"][0] == 0 and "epochs: 7" in r["print_config"][1]
     assert r["not_found"] == [2, "error: config file not found: no/such.yaml\n"]
     assert r["bad_key"] == [2, "error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)\n"]

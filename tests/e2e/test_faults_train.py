@@ -42,7 +42,7 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
 
 
@@ -217,7 +217,7 @@ def test_injected_enospc_names_path_and_errno(data, run_copy, monkeypatch, capsy
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         except OSError:
             f.write(b"PK\x03\x04partial")
-            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0") from None
 
     before = {k: v for k, v in checksums(run_copy).items() if k != "metrics.jsonl"}
     monkeypatch.setattr(torch, "save", full_disk)
@@ -351,7 +351,7 @@ def test_several_kill_9_at_random_points_then_resume_is_bitwise_equal(data, tmp_
     assert run_main("train_imagenet.py", train_args(data, ref, **settings), capsys).returncode == 0
     rng = random.Random(1234)
     kills, took_over = 0, False
-    for attempt in range(8):
+    for _attempt in range(8):
         if kills == 3:
             break
         proc = subprocess.Popen([sys.executable, str(ROOT / "train_imagenet.py")] + train_args(data, out, **settings),

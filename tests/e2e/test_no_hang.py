@@ -8,6 +8,7 @@ them without a timeout. Every process here runs in its own session under a hard 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -41,10 +42,8 @@ def _session_pids(sid: int) -> list[int]:
 
 def _kill_session(sid: int) -> None:
     for pid in _session_pids(sid):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def run_bounded(args: list[str], timeout: float = HANG_S, env: dict | None = None) -> subprocess.CompletedProcess:

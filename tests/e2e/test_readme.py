@@ -135,6 +135,29 @@ def commands(block: str) -> list[list[str]]:
     return out
 
 
+def check_module_command(module: str, rest: list[str], what: str, monkeypatch, capsys) -> None:
+    """``python -m MODULE REST`` from the docs: markers exist, the project's modules accept the arguments."""
+    if module == "pytest" and "-m" in rest:  # a marker expression names registered markers only
+        ini = (ROOT / "pytest.ini").read_text()
+        for marker in set(re.findall(r"\w+", rest[rest.index("-m") + 1])) - {"and", "or", "not"}:
+            assert re.search(rf"^\s+{marker}:", ini, re.M), f"{what}: marker {marker!r} is not in pytest.ini"
+    if module in ("venv", "pip", "pytest"):
+        return
+    if module == "ablation":
+        from ablation.cli import main
+
+        if parsed(main, rest, monkeypatch, capsys, what).command == "plan":  # reads the preset, nothing else
+            assert main(rest) == 0, f"{what}: {capsys.readouterr().err.strip()}"
+            capsys.readouterr()
+        return
+    if module in ("scripts.bench", "scripts.gpu_check"):
+        import importlib
+
+        parsed(importlib.import_module(module).main, rest, monkeypatch, capsys, what)
+        return
+    pytest.fail(f"unrecognised python -m {module} in the docs: {what}")
+
+
 def check_command(argv: list[str], page_text: str, monkeypatch, capsys) -> None:
     what = " ".join(argv)
     while argv and (argv[0] == "sudo" or re.fullmatch(r"\w+=\S*", argv[0])):
@@ -167,26 +190,8 @@ def check_command(argv: list[str], page_text: str, monkeypatch, capsys) -> None:
         return
     assert prog in ("python", "python3"), f"unrecognised command in the docs: {what}"
     if args[0] == "-m":
-        module, rest = args[1], args[2:]
-        if module == "pytest" and "-m" in rest:  # a marker expression names registered markers only
-            ini = (ROOT / "pytest.ini").read_text()
-            for marker in set(re.findall(r"\w+", rest[rest.index("-m") + 1])) - {"and", "or", "not"}:
-                assert re.search(rf"^\s+{marker}:", ini, re.M), f"{what}: marker {marker!r} is not in pytest.ini"
-        if module in ("venv", "pip", "pytest"):
-            return
-        if module == "ablation":
-            from ablation.cli import main
-
-            if parsed(main, rest, monkeypatch, capsys, what).command == "plan":  # reads the preset, nothing else
-                assert main(rest) == 0, f"{what}: {capsys.readouterr().err.strip()}"
-                capsys.readouterr()
-            return
-        if module in ("scripts.bench", "scripts.gpu_check"):
-            import importlib
-
-            parsed(importlib.import_module(module).main, rest, monkeypatch, capsys, what)
-            return
-        pytest.fail(f"unrecognised python -m {module} in the docs: {what}")
+        check_module_command(args[1], args[2:], what, monkeypatch, capsys)
+        return
     script, rest = args[0], args[1:]
     assert (ROOT / script).is_file(), f"{what}: no {script} in the repository"
     if script in ("train_imagenet.py", "eval_imagenet.py"):
@@ -360,7 +365,7 @@ def results_rows() -> dict[str, dict[str, str]]:
     rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in text.splitlines() if ln.startswith("|")]
     header, body = rows[0], rows[2:]
     assert header == ["what", "result", "machine", "source"]
-    return {r[0]: dict(zip(header, r)) for r in body}
+    return {r[0]: dict(zip(header, r, strict=True)) for r in body}
 
 
 def test_readme_results_machines_are_those_of_the_reports():

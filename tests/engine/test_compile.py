@@ -50,11 +50,12 @@ def _compare(kind: str, block: str, channels_last: bool, backend: str, tol: floa
     pe, pc = dict(eager.named_parameters()), dict(compiled_src.named_parameters())
     assert pe.keys() == pc.keys()
     for name in pe:
-        torch.testing.assert_close(pc[name].grad, pe[name].grad, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(pc[name].grad, pe[name].grad, rtol=tol, atol=tol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
     # BN running statistics were updated identically
-    for (name, be), bc in zip(eager.named_buffers(), compiled_src.buffers()):
+    for (name, be), bc in zip(eager.named_buffers(), compiled_src.buffers(), strict=True):
         if be.is_floating_point():
-            torch.testing.assert_close(bc, be, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(bc, be, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
 
     # evaluation: running-statistics BN, no autograd
     eager.eval()
@@ -127,11 +128,11 @@ def test_compile_matches_eager_inductor_fca_block():
     ye.backward(gy)
     yc.backward(gy)
     torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-3, atol=1e-3)
-    for (name, pe), pc in zip(eager.named_parameters(), compiled_src.parameters()):
-        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-3, atol=1e-3, msg=lambda m: f"{name}: {m}")
-    for (name, be), bc in zip(eager.named_buffers(), compiled_src.buffers()):  # BN running statistics
+    for (name, pe), pc in zip(eager.named_parameters(), compiled_src.parameters(), strict=True):
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-3, atol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
+    for (name, be), bc in zip(eager.named_buffers(), compiled_src.buffers(), strict=True):  # BN running statistics
         if be.is_floating_point():
-            torch.testing.assert_close(bc, be, rtol=1e-3, atol=1e-3, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(bc, be, rtol=1e-3, atol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
     eager.eval()
     compiled_src.eval()
     with torch.no_grad():
@@ -166,7 +167,7 @@ def test_compile_block_matches_eager(kind, channels_last):
     yc.backward(torch.ones_like(yc))
     torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-5)
-    for a, b in zip((p.grad for p in block.parameters()), ge):
+    for a, b in zip((p.grad for p in block.parameters()), ge, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -205,5 +206,5 @@ def test_fused_residual_equals_scale_then_add(att):
     plain = module(out) + identity
     grads_plain = torch.autograd.grad(plain, [out, identity, *module.parameters()], g)
     torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
-    for a, b in zip(grads_fused, grads_plain):
+    for a, b in zip(grads_fused, grads_plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -31,10 +31,8 @@ def test_exact_eval_is_identical_for_world_sizes_1_2_3(trained, tmp_path, capsys
         args = ["--config", str(BASE_CONFIG), "--checkpoint", str(out / "checkpoints/last.pth"),
                 "--output", str(tmp_path / f"eval{world}.json")]
         args += tiny_overrides(data, out, **{"data.val_batch_size": 2})
-        if world == 1:  # the entry point in this process: one process, no torchrun
-            proc = run_main("eval_imagenet.py", args, capsys)
-        else:
-            proc = torchrun(world, "eval_imagenet.py", args)
+        # world 1: the entry point in this process (one process, no torchrun)
+        proc = run_main("eval_imagenet.py", args, capsys) if world == 1 else torchrun(world, "eval_imagenet.py", args)
         assert proc.returncode == 0, proc.stderr[-2000:]
         printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         assert len(printed) == 1  # rank 0 only

@@ -55,7 +55,7 @@ def test_batched_resize_on_the_gpu_equals_interpolate(tmp_path):  # pragma: no c
     boxes = [(10, 290, 20, 380), (0, 64, 0, 64), (5, 45, 2, 28), (0, 700, 100, 500)]
     flips = [False, True, False, True]
     got = gd.resize_crops(images, boxes, flips, (64, 64))
-    for k, (img, (y0, y1, x0, x1), flip) in enumerate(zip(images, boxes, flips)):
+    for k, (img, (y0, y1, x0, x1), flip) in enumerate(zip(images, boxes, flips, strict=True)):
         ref = F.interpolate(img[:, y0:y1, x0:x1][None].float(), size=(64, 64), mode="bilinear", antialias=True)[0]
         ref = ref.flip(-1) if flip else ref
         # TF32 matmuls (if enabled) and .5 boundaries: at most one level apart, rarely
@@ -122,4 +122,4 @@ def test_threaded_batches_equal_direct_decode(tmp_path):  # pragma: no cover - C
             busy = busy / busy.norm()
         got.append(x)
     torch.cuda.synchronize(dev)
-    assert len(got) == 12 and all(torch.equal(a, b) for a, b in zip(got, refs))
+    assert len(got) == 12 and all(torch.equal(a, b) for a, b in zip(got, refs, strict=True))

@@ -50,7 +50,7 @@ class FakeNvjpeg:
         return [decode_jpeg(d, mode=ImageReadMode.RGB) for d in data]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _file_pool(n: int, seed: int = 0) -> tuple:
     return tuple(_make_files(n, seed))
 
@@ -278,16 +278,16 @@ def test_the_decode_thread_keeps_order_and_is_deterministic(tmp_path):
     for decode in (slow, FakeNvjpeg()):
         got = [(x, y) for x, y, _ in DevicePrefetcher(dl, "cpu", depth=2, decode=decode)]
         assert len(got) == len(ref) == 4
-        for (x, y), (rx, ry) in zip(got, ref):
+        for (x, y), (rx, ry) in zip(got, ref, strict=True):
             assert torch.equal(x, rx) and torch.equal(y, ry)
     # worker processes, a second loader, the same seed and epoch: the same crops, in the same order
     _, _, dl2 = _loader(tmp_path / "b", workers=2)
     again = [x for x, _, _ in DevicePrefetcher(dl2, "cpu", depth=3, decode=FakeNvjpeg())]
-    assert all(torch.equal(a, r) for a, (r, _) in zip(again, ref))
+    assert all(torch.equal(a, r) for a, (r, _) in zip(again, ref, strict=True))
     # another epoch: other crops
     _, _, dl3 = _loader(tmp_path / "c", workers=0, epoch=1)
     other = [x for x, _, _ in DevicePrefetcher(dl3, "cpu", decode=FakeNvjpeg())]
-    assert not all(torch.equal(a, r) for a, (r, _) in zip(other, ref))
+    assert not all(torch.equal(a, r) for a, (r, _) in zip(other, ref, strict=True))
     assert not _gpu_threads()
 
 
@@ -324,7 +324,7 @@ def test_an_error_in_the_decode_thread_reaches_the_consumer_in_order_without_han
 def test_leaving_the_loop_early_stops_the_decode_thread(tmp_path):
     _, _, dl = _loader(tmp_path, workers=0, n=30)
     fake = FakeNvjpeg(delay=0.05)
-    for x, _, _ in DevicePrefetcher(dl, "cpu", depth=2, decode=fake):
+    for _ in DevicePrefetcher(dl, "cpu", depth=2, decode=fake):
         break  # a preemption, an error in the training step
     t0 = time.monotonic()
     while _gpu_threads() and time.monotonic() - t0 < 10:

@@ -117,12 +117,12 @@ def test_crop_boxes_and_flips_equal_the_fast_pipeline(tmp_path, crop):
         f = loader(os.path.join(path, name))
         for seed in range(40):
             box, flip = _seeded(lambda: fast.plan(90, 120), seed)
-            s = _seeded(lambda: gpu(f), seed)
+            s = _seeded(lambda f=f: gpu(f), seed)
             if name.endswith(".jpg"):
                 assert isinstance(s, gd.PendingJpeg) and (s.box, s.flip) == (tuple(box), flip)
             else:
                 assert isinstance(s, gd.CpuDecoded) and s.reason == "not_jpeg"
-                expect = _seeded(lambda: fast(tr.encoded_loader(os.path.join(path, name))), seed)
+                expect = _seeded(lambda name=name: fast(tr.encoded_loader(os.path.join(path, name))), seed)
                 assert torch.equal(s.image, expect)
 
 
@@ -257,7 +257,7 @@ def test_dataloader_workers_hand_over_encoded_batches(tmp_path):
     dl = build_dataloader(ds, batch_sampler=sampler, workers=1, device="cpu", collate_fn=collate)
     got = list(dl)
     assert len(got) == len(in_process) == 2
-    for (b, y, s), (rb, ry, rs) in zip(got, in_process):
+    for (b, y, s), (rb, ry, rs) in zip(got, in_process, strict=True):
         assert isinstance(b, gd.EncodedBatch) and torch.equal(y, ry) and s == rs == 0
         assert b.boxes == rb.boxes and b.flips == rb.flips and torch.equal(b.jpeg_data, rb.jpeg_data)
         assert torch.equal(b.to_model_input("cpu", decode=cpu_decode), rb.to_model_input("cpu", decode=cpu_decode))
@@ -326,14 +326,14 @@ def test_prefetched_nvjpeg_batches_match_the_cpu_decode_with_a_busy_default_stre
     dl = build_dataloader(ds, batch_sampler=batches, workers=0, device=dev, collate_fn=collate)
     busy = torch.randn(4096, 4096, device=dev) / 64  # (4096, 4096): ~3 ms per matmul on the default stream
     got = []
-    for x, y, skipped in DevicePrefetcher(dl, dev):
+    for x, _, _ in DevicePrefetcher(dl, dev):
         for _ in range(8):
             busy = busy @ busy
             busy = busy / busy.norm()  # keep it finite
         got.append(x)  # compared at the end: reading it now would drain the default stream
     torch.cuda.synchronize(dev)
     assert len(got) == len(refs) == 20
-    for k, (x, ref) in enumerate(zip(got, refs)):
+    for k, (x, ref) in enumerate(zip(got, refs, strict=True)):
         diff = (_unnormalize(x.cpu()) - _unnormalize(ref)).abs()  # (4, 3, 64, 64)
         per_image = diff.flatten(1).mean(1)
         assert per_image.max() < 2.0 and diff.max() < 40, (k, per_image.tolist(), diff.max().item())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def test_warmup_then_cosine_values():
     assert lr_factor(0, 0, 10) == pytest.approx(1.0)                      # no warmup
     assert lr_at(15, 0.4, w, t) == pytest.approx(0.2)
     values = [lr_factor(s, w, t) for s in range(w, t)]
-    assert all(a > b for a, b in zip(values, values[1:]))                 # strictly decreasing
+    assert all(a > b for a, b in pairwise(values))                          # strictly decreasing
     with pytest.raises(ValueError):
         lr_factor(0, 11, 10)
 

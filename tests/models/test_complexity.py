@@ -52,7 +52,7 @@ def test_table2_text_lists_every_row_and_says_where_numbers_come_from():
     table = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert len(table) == len(rows) == 23
     assert "numbers for every method other than FcaNet are quoted from other work" in text
-    for row, line in zip(rows, table):
+    for row, line in zip(rows, table, strict=True):
         name = complexity.model_name(row)
         if name is None:
             assert line.startswith("| AANet |") and "not built" in line

@@ -381,7 +381,7 @@ def test_grid_larger_than_a_stage_map_is_refused():
 def test_explicit_grid7_at_224_matches_the_default():
     a = create_model("fcanet50", freq="top16")
     b = create_model("fcanet50", freq="top16", grid=7)
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         if ka.endswith("dct_layer.weight"):
             assert ka == kb and torch.equal(va, vb)
 

@@ -23,7 +23,7 @@ def test_shipped_list_is_the_cmc_imagenet100():
 
 def make_imagenet(root: Path, wnids, per_class=(3, 2), extra=("n09999999",)):
     """A fake ImageFolder: train/<wnid>/ with 3 files, val/<wnid>/ with 2 files, plus classes not listed."""
-    for split, n in zip(("train", "val"), per_class):
+    for split, n in zip(("train", "val"), per_class, strict=True):
         for wnid in list(wnids) + list(extra):
             d = root / split / wnid
             d.mkdir(parents=True, exist_ok=True)

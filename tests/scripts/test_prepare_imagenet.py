@@ -41,7 +41,7 @@ def make_train_tar(path: Path, per_class=PER_CLASS) -> dict[str, bytes]:
     """Write a miniature ILSVRC2012_img_train.tar; returns ``{"wnid/file": bytes}`` of every image."""
     images = {}
     with tarfile.open(path, "w") as outer:
-        for c, (wnid, n) in enumerate(zip(WNIDS, per_class)):
+        for c, (wnid, n) in enumerate(zip(WNIDS, per_class, strict=True)):
             inner_buf = io.BytesIO()
             with tarfile.open(fileobj=inner_buf, mode="w") as inner:
                 for i in range(n):
