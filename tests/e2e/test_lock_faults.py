@@ -25,7 +25,7 @@ LOCK_GRACE_S = 60.0  # engine.runlock.LOCK_GRACE_S
 
 
 def run_args(out) -> list[str]:
-    return ["run", "--study", "lowk", "--preset", "mini", "--seeds", "1", "--output", str(out), "--trainer-cmd", FAKE,
+    return ["run", "--study", "lowk", "--preset", "mini", "--seeds", "1", "--runs-dir", str(out), "--trainer-cmd", FAKE,
             "--limit", "1"]
 
 
@@ -34,7 +34,7 @@ def test_ablation_run_with_failing_writes_leaves_no_lock(tmp_path, capsys):
     from ablation.cli import main
 
     out = tmp_path / "res"
-    point = out / "runs" / "lowk" / "published" / "low1-s0"
+    point = out / "single_freq" / "base-s0"  # the first run of a seed: its base network
     p = subprocess.run([sys.executable, "-m", "ablation", *run_args(out)], cwd=ROOT, env=subprocess_env(),
                        capture_output=True, text=True, timeout=120,  # Python ignores SIGXFSZ: writes get EFBIG
                        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100)))
@@ -69,5 +69,6 @@ def test_trainer_relaunch_on_a_read_only_file_system_is_one_line(tmp_path):
     train = [sys.executable, str(ROOT / "train_imagenet.py"), "--config", str(BASE_CONFIG), *tiny_overrides(data, run)]
     p = subprocess.run(read_only + train, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=180)
     assert p.returncode == 2, p.stderr
-    assert p.stderr == f"error: cannot create lock file {run / 'train.lock'}: [Errno 30] Read-only file system\n"
+    # the run directory is checked for writing before the lock is taken (engine.rundir)
+    assert p.stderr == f"error: cannot write {run}: [Errno 30] Read-only file system\n"
     assert sorted(os.listdir(run)) == ["config.yaml"]

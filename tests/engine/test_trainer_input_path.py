@@ -72,8 +72,12 @@ def test_warmup_is_reported_apart_from_throughput(tmp_path):
 
 # ---------------------------------------------------------------------------------------- compile hygiene
 def _trainer(tmp_path, **extra):
+    from engine.builders import new_model
+    from engine.rundir import RunDir
+
     data = write_tiny_imagefolder(tmp_path / "data")
-    return build_trainer(_cfg(data, tmp_path / "run", **extra), dist_lib.DistInfo())
+    cfg = _cfg(data, tmp_path / "run", **extra)
+    return build_trainer(cfg, dist_lib.DistInfo(), RunDir(cfg.output_dir), new_model(cfg))
 
 
 @pytest.mark.slow
