@@ -212,15 +212,46 @@ LONGEST_FIRST = ("e2e/test_slurm_*.py", "detection/test_coco_train.py", "ablatio
                  "scripts/test_bench.py", "detection/test_coco_eval.py", "e2e/test_trainer_demo.py")
 
 
-def pytest_xdist_auto_num_workers(config) -> int:
-    """``-n auto`` (pytest.ini): one worker per CPU this process may use (not per physical core: a 2-vCPU VM
-    reports one), at most 4. Many tests start subprocesses of their own (torchrun, Slurm jobs), and the
-    longest single file bounds the run anyway."""
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a container limited to 2
+    CPUs on a large host still lists every host CPU in its affinity mask)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 4))
+    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()[:2]),  # cgroup v2: "QUOTA PERIOD"
+                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", lambda t: [t.strip(), Path(
+                            "/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()])):  # cgroup v1
+        try:
+            quota, period = parse(Path(path).read_text())
+            if quota not in ("max", "-1") and int(period) > 0:
+                cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+        except (OSError, ValueError, IndexError):
+            continue
+    return cpus
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pytest.ini): one worker per usable CPU (not per physical core: a 2-vCPU VM reports one), at
+    most 4. Many tests start subprocesses of their own (torchrun, Slurm jobs), and the longest single file
+    bounds the run anyway."""
+    return max(1, min(usable_cpus(), 4))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """One line naming the machine (also under ``-q``): suite timings are only comparable on the same one."""
+    model = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
+                  if line.startswith("model name")), "unknown CPU")
+    workers = getattr(config.option, "numprocesses", None)
+    terminalreporter.write_line(f"machine: {model}; {os.cpu_count()} CPUs listed, {usable_cpus()} usable; "
+                                f"xdist workers: {workers or 0}")
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
 
 
 def _test_path(item) -> str:
