@@ -1,25 +1,19 @@
 """Study registry and planning: which runs a study of a preset consists of.
 
 A seed is a whole replicate: seed s trains its own plain base network, and everything of seed s that starts
-from a base starts from base s, so every analysis compares runs within a seed (paired). Studies (paper Sec. 4.2,
-appendix 6.1), on the preset's S x S frequency grid (``grid``: 7 in the paper):
+from a base starts from base s (every analysis is paired within seeds). Studies (paper Sec. 4.2, appendix 6.1),
+on the preset's S x S frequency grid (``grid``: 7 in the paper):
 
-* ``single_freq`` (Fig. 4): per seed, the base, a no-attention control (the base trained on for the
-  fine-tune budget with the same recipe, so a gain can be credited to attention) and S*S fine-tunes that add
-  FCA with one frequency (u, v) for all channels.
-* ``topk`` / ``botk`` (Tables 1 and 6): k frequencies from the two-step criterion (best / worst k of the
-  single-frequency grid). The order comes from our own measured grid once its single_freq runs are complete
-  for every planned seed, otherwise from the authors' published orders (7x7 only); until then a plan on
-  another grid says what it will run and ``run`` waits for single_freq.
-* ``lowk`` (Table 5): the k lowest frequencies of the fixed Low-k order (appendix Fig. 5b); never grid-derived.
+* ``single_freq`` (Fig. 4): per seed, the base, a no-attention control (the base trained on for the fine-tune
+  budget with the same recipe) and S*S fine-tunes that add FCA with one frequency (u, v) for all channels.
+* ``topk`` / ``botk`` (Tables 1 and 6): the best / worst k of the two-step criterion, ordered by our measured
+  grid once its single_freq runs are complete, otherwise by the authors' published orders (7x7 only).
+* ``lowk`` (Table 5): the k lowest frequencies of the fixed Low-k order (appendix Fig. 5b).
 
-k-runs train from scratch (the paper) or, with ``start: base``, fine-tune from the seed's base with their own
-recipe; a k-run whose resolved trainer config equals a single_freq fine-tune's *is* that run (shared, never
-trained twice) and is flagged in the tables.
-
-Presets are typed data (:mod:`ablation.preset`). Every run is one trainer invocation
-``train_imagenet.py --config CONFIG KEY=VALUE ...`` with its own run directory; :func:`build_plan` resolves each
-run's trainer config exactly as the trainer will, so a bad preset fails at ``plan`` time with one line.
+k-runs train from scratch (the paper) or, with ``start: base``, fine-tune from the seed's base; a k-run whose
+resolved config equals a single_freq fine-tune's *is* that run (shared, trained once, flagged in the tables).
+Each run is one ``train_imagenet.py --config CONFIG KEY=VALUE ...`` invocation with its own run directory;
+:func:`build_plan` resolves each run's config exactly as the trainer will, so a bad preset fails at ``plan``.
 """
 from __future__ import annotations
 

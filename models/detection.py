@@ -1,21 +1,11 @@
 """Faster R-CNN and Mask R-CNN with FPN over any registered backbone (paper Sec. 4.3, Tables 3 and 4).
 
 torchvision's detection components (``GeneralizedRCNN``, ``RegionProposalNetwork``, ``RoIHeads``,
-``FeaturePyramidNetwork``) around one of our ResNets, with the options the paper's MMDetection 2 runs differ in:
-
-* **frozen stages** (MMDetection's ``frozen_stages``: -1 none, 0 the stem, k the stem and ``layer1..k``);
-* **normalisation**: ``frozen_stats`` (BN in eval mode, affine weights train: MMDetection's ``norm_eval=True``
-  default), ``frozen`` (``FrozenBatchNorm2d``: statistics and affine fixed; torchvision's default, and the
-  authors' Mask R-CNN) or ``train``;
-* **MMDetection alignment knobs**: L1 box losses (torchvision: smooth L1 with beta 1/9), aligned RoIAlign with
-  adaptive sampling (torchvision: ``aligned=False``, 2 samples per bin), 1000 RPN proposals per image in training
-  (torchvision: 2000), OHEM sampling of the RoIs (the authors' Mask R-CNN);
-* **fixed canvas** padding: every image is padded to 800x1333 (1333x800 for portrait images) instead of the
-  batch's size rounded up to 32, so the attention's global pooling sees the zero border, as in the authors'
-  released runs.
-
-Anchors use the FPN's nominal strides (4, 8, 16, 32, 64) like MMDetection, not torchvision's
-``image size // feature size`` (61 instead of 64 for P6 of an 800x1088 batch; 3 instead of 4 on a 1333-wide canvas).
+``FeaturePyramidNetwork``) around one of our ResNets, with the options the paper's MMDetection 2 runs differ in
+(:class:`DetectorOptions`): frozen stages, BN handling (``frozen_stats`` / ``frozen`` / ``train``), L1 box
+losses, aligned RoIAlign, RPN proposal counts, OHEM, and a fixed padding canvas (the authors' runs pad every
+image to 800x1333, so the attention's global pooling sees the border). Anchors use the FPN's nominal strides
+(4, 8, 16, 32, 64) like MMDetection. Which option matches which published run: docs/detection.md#configs.
 
 State-dict keys follow torchvision's detectors (``backbone.body.layer1.0.conv1.weight``, ``backbone.fpn.*``,
 ``rpn.head.*``, ``roi_heads.box_head.fc6.weight``, ...); :mod:`models.mmdet_convert` maps MMDetection 2

@@ -1,23 +1,10 @@
 #!/usr/bin/env python
 """Parameters and FLOPs of every Table 2 model, beside the paper's numbers, under three FLOP conventions.
 
-All figures are for one 224x224 image, in G (10^9):
-
-* **MACs**: multiply-accumulates of every convolution and matrix product, counted by
-  ``torch.utils.flop_counter.FlopCounterMode`` (which reports 2 FLOPs per MAC; halved here). What torchvision
-  and most papers call "FLOPs". Pooling, BN, activations and elementwise ops are not counted.
-* **layers**: what a layer-level counter (hooks on the network's layers, as ptflops does) reports: MACs of conv
-  and linear layers (plus one add per output element where the layer has a bias), 2 ops per element of a
-  normalisation layer (BN, LayerNorm: scale and shift), 1 per element of a ReLU layer, and 1 per input element
-  of a pooling: max-pool, average pools and the attention squeezes (the global average pooling of SE and ECA,
-  the average and max pooling of CBAM's channel gate, FCA's DCT pooling). Not counted: the residual add, the
-  attention's gating products and sums, sigmoid/softmax, the matrix products inside GC (context pooling) and
-  GSoP (covariance), and the channel-wise max/mean of CBAM's spatial gate. **This convention reproduces every
-  figure of the paper's Table 2 to its printed precision**; MACs alone fall 0.02-0.07 G short.
-* **all ops**: every arithmetic operation of the forward pass: all MACs, norms (2 per element), ReLU, every
-  reduction (1 per input element) and every elementwise op (residual add, gating products, sigmoid, softmax:
-  1 per output element; the fused scale-and-add ``addcmul``: 2). It overshoots the paper's figures (the residual
-  add alone is 0.0055 G at ResNet-50, 0.013 G at ResNet-152).
+All figures are for one 224x224 image, in G (10^9): **MACs** (``torch.utils.flop_counter``, halved to
+multiply-accumulates), **layers** (what a layer-level counter such as ptflops reports: the convention that
+reproduces every figure of the paper's Table 2) and **all ops** (every arithmetic operation of the forward pass).
+What each convention counts and leaves out: docs/models.md.
 
 ``--table2`` also writes the Table 2 reproduction table: every row with the paper's quoted number, the config
 that trains it here with our recipe, the measured size and an (empty until run) column for our top-1.

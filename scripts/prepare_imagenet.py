@@ -6,30 +6,16 @@
         --val-tar ILSVRC2012_img_val.tar --devkit ILSVRC2012_devkit_t12.tar.gz
 
 writes ``OUT/train/<wnid>/<wnid>_N.JPEG`` and ``OUT/val/<wnid>/ILSVRC2012_val_XXXXXXXX.JPEG``; either split
-can be prepared alone (give only its tarball). At the end the image and class counts are checked against
-the full dataset (1,281,167 train / 50,000 val images, 1,000 classes; ``--expect-*`` to change).
+can be prepared alone. Contract:
 
-* **train**: ``ILSVRC2012_img_train.tar`` holds one uncompressed tar per class (``n01440764.tar``, ...).
-  Classes are extracted in parallel (``--workers``), each by a worker that seeks straight to its inner tar
-  (the 138 GB tarball is never copied). A class is written to ``OUT/train.partial/<wnid>/`` and renamed
-  to ``OUT/train/<wnid>/`` when complete, so an interrupted run is simply restarted: complete classes are
-  skipped and partial ones extracted again (``train/`` never holds a partial class). ``--verify``
-  re-checks the file names and sizes of every complete class against the tarball (reads the inner tars'
-  headers) and re-extracts those that differ.
-* **val**: the 50,000 images of ``ILSVRC2012_img_val.tar`` are sorted into class folders. The class of
-  validation image ``i`` is line ``i`` of ``data/ILSVRC2012_validation_ground_truth.txt`` (an ILSVRC2012_ID
-  in 1..1000), mapped to its WordNet id by ``data/meta.mat``, both in the devkit. The tarball is streamed;
-  each file is written to a temp name and renamed, and complete files already present are skipped.
+* restartable: a train class appears in ``OUT/train/`` only when complete (via ``train.partial/``), val files
+  are written to a temp name and renamed; a rerun skips what is complete (``--verify`` re-checks sizes);
+* nothing from an archive becomes a path unchecked (WordNet ids only, last path component only, unique
+  names), so no archive writes outside ``--out``; one run at a time per ``--out`` (``.prepare_imagenet.lock``);
+* the counts are checked (1,281,167 / 50,000 images, 1,000 classes; ``--expect-*`` to change);
+* bad input stops with one ``error:`` line and exit status 2.
 
-Nothing from an archive becomes a path unchecked: class ids from the devkit and class tar names must be WordNet
-ids (``n`` + 8 digits), image names are reduced to their last path component (``../`` and absolute names cannot
-leave their folder) and must be unique, so a hostile or damaged archive cannot write outside ``--out``. The
-counts that can be known beforehand (class tars, the devkit's labels and classes, the val tarball's images) are
-checked before anything is written. One run at a time writes to ``--out`` (an exclusive lock,
-``OUT/.prepare_imagenet.lock``); a final count mismatch names the classes that differ from the archive.
-
-Bad input (missing or wrong tarball, malformed devkit, wrong counts, ``--out`` in use) stops with one
-``error:`` line and exit code 2.
+How each split is read and why: docs/data.md#imagenet-from-the-official-tarballs.
 """
 from __future__ import annotations
 

@@ -181,8 +181,8 @@ class SyntheticDataset(Dataset):
 def collate(batch: list) -> tuple[Any, torch.Tensor | None, int]:
     """Stack the readable samples; return ``(images, targets, number of skipped corrupt files)``.
 
-    ``images`` is a tensor, or for the ``gpu`` pipeline an :class:`engine.gpu_decode.EncodedBatch` that
-    :func:`engine.transforms.to_model_input` decodes on the device."""
+    ``images`` is a tensor, or for the ``gpu`` pipeline an :class:`engine.data.gpu_decode.EncodedBatch` that
+    :func:`engine.data.transforms.to_model_input` decodes on the device."""
     good = [b for b in batch if b is not None]
     skipped = len(batch) - len(good)
     if not good:

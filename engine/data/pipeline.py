@@ -35,7 +35,7 @@ def build_train_transform(image_size: int, crop: str = "fcanet", pipeline: str =
     """Return ``(loader, transform)`` for training: random-resized crop to ``image_size`` + horizontal flip.
 
     The ``fast`` transform returns uint8 (3, S, S); the ``torchvision`` one a normalized float tensor; the
-    ``gpu`` one a not-yet-decoded sample (:mod:`engine.gpu_decode`) that :func:`to_model_input` finishes.
+    ``gpu`` one a not-yet-decoded sample (:mod:`engine.data.gpu_decode`) that :func:`to_model_input` finishes.
     """
     _check(image_size, pipeline, crop)
     recipe = CROP_RECIPES[crop]
@@ -106,7 +106,7 @@ def build_datasets(cfg, num_classes: int, need_train: bool = True) -> tuple[Data
 
 
 def make_loader(dataset: Dataset, batch_sampler: Sampler, workers: int | None, device: torch.device) -> DataLoader:
-    """The trainer's DataLoader: :func:`engine.loader.build_dataloader` with its batch samplers and :func:`collate`
+    """The trainer's DataLoader: :func:`engine.data.loader.build_dataloader` with its batch samplers and :func:`collate`
     (``workers=None``: one per CPU of this process's share of the node, see ``default_workers``)."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return loader_lib.build_dataloader(dataset, batch_sampler=batch_sampler, workers=workers, device=device,

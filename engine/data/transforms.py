@@ -1,28 +1,20 @@
 """Image loading and augmentation for ImageNet-style ImageFolder data.
 
-Three pipelines behind one interface (``data.pipeline`` in the config), each a ``(loader, transform)`` pair
-for ``torchvision.datasets.ImageFolder(root, transform=transform, loader=loader)``:
+Three pipelines behind one interface (``data.pipeline``; :mod:`engine.data.pipeline` builds them), each a
+``(loader, transform)`` pair for ``torchvision.datasets.ImageFolder(root, transform=transform, loader=loader)``:
 
-* ``torchvision``: the reference recipe (``torchvision.transforms``): PIL decode, crop/resize on the PIL
-  image, ``ToTensor`` + ``Normalize`` on the CPU; the transform returns a normalized float (3, S, S) tensor.
-* ``fast``: the loader reads the file bytes and parses only the image header (:class:`EncodedImage`); the
-  transform picks the crop box *before* decoding, so a JPEG whose crop is shrunk by >= 2x is decoded at
-  1/2, 1/4 or 1/8 scale in the DCT domain (PIL draft mode), otherwise by libjpeg-turbo through
-  ``torchvision.io.decode_image``; it then crops and resizes on uint8 (antialiased bilinear, like
-  ``RandomResizedCrop``) and flips, returning uint8 (3, S, S). The batch travels to the device as uint8
-  (4x fewer bytes) and :func:`to_model_input` converts and normalizes it there.
-* ``gpu`` (:mod:`engine.gpu_decode`): the workers only read the bytes and parse the JPEG header; whole
-  batches are decoded by nvjpeg and cropped/resized/flipped on the GPU inside :func:`to_model_input`.
+* ``torchvision``: PIL decode, crop/resize on the PIL image, ``ToTensor`` + ``Normalize``; returns a
+  normalized float (3, S, S) tensor.
+* ``fast``: the loader reads the bytes and parses the header (:class:`EncodedImage`); the crop box is chosen
+  *before* decoding, so a JPEG shrunk by >= 2x is decoded at reduced scale in the DCT domain; returns uint8
+  (3, S, S), converted and normalized on the device by :func:`to_model_input`.
+* ``gpu`` (:mod:`engine.data.gpu_decode`): the workers only read bytes; nvjpeg decodes whole batches on the GPU.
 
-Every pipeline renders every PIL image mode as 8-bit RGB the same way (:func:`to_rgb8`): 16-bit images are
-scaled (0..65535 -> 0..255), alpha is dropped (pixels keep their stored colour, as PIL's and torchvision's
-RGB conversions do), palettes and CMYK are converted; modes without a defined 8-bit range (32-bit integer,
-float) are refused with :class:`UnsupportedImageError` naming the mode.
-
-All pipelines sample crops from the same distribution for a given ``crop`` recipe:
-``fcanet`` (the authors' code: area scale in [0.1, 1], aspect ratio in [0.8, 1.25]) or ``torchvision``
-(area scale in [0.08, 1], aspect ratio in [3/4, 4/3]), with the ``RandomResizedCrop`` sampling rule
-(:func:`sample_crop_box`), and flip with probability 1/2.
+Every pipeline renders every PIL mode as 8-bit RGB the same way (:func:`to_rgb8`) and refuses modes without a
+defined 8-bit range with :class:`UnsupportedImageError`. All sample crops from the same distribution for a
+``crop`` recipe (``fcanet``: area [0.1, 1], ratio [0.8, 1.25]; ``torchvision``: [0.08, 1], [3/4, 4/3]) with
+the ``RandomResizedCrop`` rule (:func:`sample_crop_box`), and flip with probability 1/2. Rationale and
+measurements: docs/data.md#input-pipelines-datapipeline.
 """
 from __future__ import annotations
 
@@ -347,7 +339,7 @@ def to_model_input(images: Any, device: torch.device, channels_last: bool = Fals
     uint8 batches (the ``fast`` pipeline) are copied as uint8 (non-blocking from pinned memory), then
     converted to float and normalized on the device; the channels_last permute happens on the uint8 data,
     which is 4x cheaper. Float batches (the ``torchvision`` pipeline) are already normalized. No host sync.
-    A ``gpu`` pipeline batch (:class:`engine.gpu_decode.EncodedBatch`, not a tensor) is decoded, cropped,
+    A ``gpu`` pipeline batch (:class:`engine.data.gpu_decode.EncodedBatch`, not a tensor) is decoded, cropped,
     resized, flipped and normalized on ``device`` by its own ``to_model_input``.
     """
     device = torch.device(device)
