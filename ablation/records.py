@@ -31,12 +31,14 @@ class Record:
 
 
 def machine_key(summary: dict[str, Any], meta: dict[str, Any] | None) -> str | None:
-    """Where and with what a run trained: the GPU name or CPU model, the torch build and the thread count
-    (summary.json provenance); for older runs the CPU the runner recorded, build unknown."""
+    """Where and with what a run trained: the GPU name or CPU model (with the machine's logical CPUs), the torch
+    build and the thread count (summary.json provenance); for older runs the CPU the runner recorded, build
+    unknown."""
     device = summary.get("device")
     cpu = summary.get("cpu_model")
     if summary.get("torch_version"):
-        where = device if device not in (None, "cpu") else f"CPU {cpu}"
+        cpus = summary.get("cpu_count")
+        where = device if device not in (None, "cpu") else f"CPU {cpu}" + (f" ({cpus} logical CPUs)" if cpus else "")
         threads = summary.get("threads")
         return f"{where}, torch {summary['torch_version']}" + (f", {threads} thread(s)" if threads else "")
     if meta and meta.get("machine"):

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from ablation.studies import Plan, Run
 
-MACHINE = {"device": "cpu", "cpu_model": "Synthetic CPU", "torch_version": "2.0.0+cpu", "threads": 1,
+MACHINE = {"device": "cpu", "cpu_model": "Synthetic CPU", "cpu_count": 2, "torch_version": "2.0.0+cpu", "threads": 1,
            "git_commit": "0123456789abcdef"}
 
 
