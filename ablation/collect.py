@@ -127,6 +127,9 @@ def provenance_text(records: list[Record], mixed: bool) -> str:
     prov = provenance(records)
     machines = (render(fr, "machines", list="; ".join(f"{m} ({n} runs)" for m, n in prov["machines"].most_common()))
                 if prov["machines"] else render(fr, "machines_none"))
+    if prov["cpu_counts"]:
+        machines += " " + render(fr, "cpu_counts", list=", ".join(
+            f"{c} logical CPUs ({n} runs)" for c, n in sorted(prov["cpu_counts"].items())))
     if mixed:
         machines = render(fr, "mixed") + " " + machines
     commits = (render(fr, "commits", list=", ".join(f"{c[:12]} ({n} runs)" for c, n in prov["commits"].most_common()))

@@ -31,14 +31,13 @@ class Record:
 
 
 def machine_key(summary: dict[str, Any], meta: dict[str, Any] | None) -> str | None:
-    """Where and with what a run trained: the GPU name or CPU model (with the machine's logical CPUs), the torch
-    build and the thread count (summary.json provenance); for older runs the CPU the runner recorded, build
-    unknown."""
+    """Where and with what a run trained: the GPU name or CPU model, the torch build and the thread count
+    (summary.json provenance; what changes the numerics, so not the machine's CPU count, which inside a
+    container is the host's); for older runs the CPU the runner recorded, build unknown."""
     device = summary.get("device")
     cpu = summary.get("cpu_model")
     if summary.get("torch_version"):
-        cpus = summary.get("cpu_count")
-        where = device if device not in (None, "cpu") else f"CPU {cpu}" + (f" ({cpus} logical CPUs)" if cpus else "")
+        where = device if device not in (None, "cpu") else f"CPU {cpu}"
         threads = summary.get("threads")
         return f"{where}, torch {summary['torch_version']}" + (f", {threads} thread(s)" if threads else "")
     if meta and meta.get("machine"):
@@ -95,9 +94,11 @@ def mixed_points(records: list[Record]) -> set[str]:
 
 
 def provenance(records: list[Record]) -> dict[str, Any]:
-    """Machines, git commits and the runs without provenance, for the table's provenance section."""
+    """Machines, the logical CPUs their OS listed, git commits and the runs without provenance, for the table's
+    provenance section."""
     complete = [r for r in records if r.summary]
     return {"machines": Counter(r.machine for r in complete if r.machine),
+            "cpu_counts": Counter(int(r.summary["cpu_count"]) for r in complete if r.summary.get("cpu_count")),
             "commits": Counter(str(r.summary.get("git_commit")) for r in complete if r.summary.get("git_commit")),
             "unrecorded": sum(1 for r in complete if not r.machine), "complete": len(complete)}
 

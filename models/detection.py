@@ -60,7 +60,9 @@ class DetectorOptions:
         backbone_kwargs: extra :func:`models.create_model` arguments (``widths``, ``freq``, ``grid``, ...).
         num_classes: classes including the background (COCO: 80 + 1).
         frozen_stages: -1 nothing, 0 the stem, k the stem and ``layer1..k`` (parameters fixed, modules in eval).
-        norm: ``frozen_stats``, ``frozen`` or ``train`` (see the module docstring).
+        norm: ``frozen_stats`` (BN in eval mode, affine weights train: MMDetection's ``norm_eval=True``),
+            ``frozen`` (``FrozenBatchNorm2d``: statistics and affine fixed; torchvision's default and the authors'
+            Mask R-CNN) or ``train`` (BN statistics from the data: models trained from scratch).
         box_loss: ``smooth_l1`` (torchvision) or ``l1`` (MMDetection 2), for both the RPN and the RoI head.
         roi_align: ``torchvision`` (aligned=False, sampling_ratio=2) or ``aligned`` (aligned=True, adaptive
             sampling: MMDetection 2).

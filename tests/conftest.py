@@ -213,22 +213,55 @@ LONGEST_FIRST = ("e2e/test_slurm_*.py", "detection/test_coco_train.py", "ablatio
 
 
 def usable_cpus() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a container limited to 2
-    CPUs on a large host still lists every host CPU in its affinity mask)."""
+    """CPUs this process may use: its affinity mask, capped by the CPU quota of its cgroup or any parent (a
+    container limited to 2 CPUs on a large host still lists every host CPU in its affinity mask)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count() or 1
-    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()[:2]),  # cgroup v2: "QUOTA PERIOD"
-                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", lambda t: [t.strip(), Path(
-                            "/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()])):  # cgroup v1
-        try:
-            quota, period = parse(Path(path).read_text())
-            if quota not in ("max", "-1") and int(period) > 0:
-                cpus = min(cpus, max(1, -(-int(quota) // int(period))))
-        except (OSError, ValueError, IndexError):
-            continue
+    for quota, period in _cgroup_quotas():
+        cpus = min(cpus, max(1, -(-quota // period)))
     return cpus
+
+
+def _cgroup_quotas() -> list[tuple[int, int]]:
+    """(quota, period) of every CPU limit from this process's cgroup up to the root (cgroup v2 ``cpu.max``,
+    v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``); unlimited levels and unreadable files are skipped."""
+    found = []
+    for line in _read_lines("/proc/self/cgroup"):  # "0::/path" (v2) or "N:cpu,cpuacct:/path" (v1)
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and not controllers:
+            roots, read = [Path("/sys/fs/cgroup")], _v2_quota
+        elif "cpu" in controllers.split(","):
+            roots, read = [Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/cpu,cpuacct")], _v1_quota
+        else:
+            continue
+        for root in roots:
+            level = root / path.strip("/")
+            while True:
+                quota = read(level)
+                if quota:
+                    found.append(quota)
+                if level == root or root not in level.parents:
+                    break
+                level = level.parent
+    return found
+
+
+def _v2_quota(folder: Path) -> tuple[int, int] | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
+        return (int(quota), int(period)) if quota != "max" and int(period) > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_quota(folder: Path) -> tuple[int, int] | None:
+    try:
+        quota, period = (int((folder / f).read_text()) for f in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+        return (quota, period) if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
@@ -242,9 +275,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     """One line naming the machine (also under ``-q``): suite timings are only comparable on the same one."""
     model = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
                   if line.startswith("model name")), "unknown CPU")
-    workers = getattr(config.option, "numprocesses", None)
+    workers = getattr(config.option, "numprocesses", None) or 0
+    if getattr(config.option, "maxprocesses", None):
+        workers = min(workers, config.option.maxprocesses)
     terminalreporter.write_line(f"machine: {model}; {os.cpu_count()} CPUs listed, {usable_cpus()} usable; "
-                                f"xdist workers: {workers or 0}")
+                                f"xdist workers: {workers}")
 
 
 def _read_lines(path: str) -> list[str]:

@@ -14,7 +14,7 @@ Every pipeline renders every PIL mode as 8-bit RGB the same way (:func:`to_rgb8`
 defined 8-bit range with :class:`UnsupportedImageError`. All sample crops from the same distribution for a
 ``crop`` recipe (``fcanet``: area [0.1, 1], ratio [0.8, 1.25]; ``torchvision``: [0.08, 1], [3/4, 4/3]) with
 the ``RandomResizedCrop`` rule (:func:`sample_crop_box`), and flip with probability 1/2. Rationale and
-measurements: docs/data.md#input-pipelines-datapipeline.
+measurements: docs/data.md#input-pipelines-datapipeline; the mode conversions: docs/data.md#image-files-and-folders.
 """
 from __future__ import annotations
 
