@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STUDY, PRESET = "single_freq", "mini"
 SEEDS = ("--seeds", "1")  # one replicate: its base, then its control and fine-tunes
 LIMIT = 3          # the base network, the no-attention control and the first fine-tune
-STEPS = 4          # training steps per epoch (the mini preset's epochs have 23)
+STEPS = 2          # training steps per epoch (the mini preset's epochs have 23)
 TABLES = ("table.csv", "table.md")  # runs.csv differs by design: it lists each run's directory
 
 
